@@ -191,9 +191,12 @@ def list_image_folder(split_dir, notes):
                                     (("missing", missing), ("unexpected", extra)) if names))
     paths, labels = [], []
     for label, name in enumerate(CLASSES):
-        files = sorted((split_dir / name).iterdir())
-        images = [f for f in files if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")]
-        notes.setdefault("non-image files skipped", []).extend(f for f in files if f not in images)
+        images = []
+        with os.scandir(split_dir / name) as entries:
+            for e in entries:
+                is_image = e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and not e.name.startswith(".")
+                (images if is_image else notes.setdefault("non-image files skipped", [])).append(Path(e.path))
+        images.sort()
         if not images:
             raise UserError(f"class folder {split_dir / name} holds no images")
         paths += images
@@ -344,14 +347,14 @@ def layer_table(model):
             jump *= c.stride[0]
         params = sum(p.numel() for m in (conv, bn) for p in m.parameters())
         rows.append((f"{names[conv]} + {names[bn]}", shapes[bn], params, rf))
-    rows.append(("gap + fc", shapes[model.fc], sum(p.numel() for p in model.fc.parameters()), 32))
+    rows.append(("gap + fc", shapes[model.fc], sum(p.numel() for p in model.fc.parameters()), None))  # sees it all
     return rows
 
 
 def summary_text(model):
     lines = ["| layer | output | params | receptive field |", "|---|---|---:|---:|"]
     for name, shape, params, rf in layer_table(model):
-        lines.append(f"| {name} | {'x'.join(map(str, shape))} | {params:,} | {rf}x{rf} |")
+        lines.append(f"| {name} | {'x'.join(map(str, shape))} | {params:,} | {f'{rf}x{rf}' if rf else 'whole image'} |")
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lines.append(f"| **total** | | **{total:,}** | |")
     return "\n".join(lines)
@@ -634,7 +637,7 @@ def start_run_folder(args):
     return out
 
 
-def run(args, log_file):
+def run(args, log_file, interrupts):
     def log(line):
         print(line, flush=True)
         if log_file[0]:
@@ -726,9 +729,6 @@ def run(args, log_file):
             raise UserError(f"{e}; stopped. The last good checkpoint is "
                             f"{last if last.exists() else 'none (no epoch finished)'}; try a lower --lr") from None
         test_loss, test_acc, preds = evaluate(step_model, eval_loader, cfg)
-        Split = split.capitalize()
-        log(f"Epoch {epoch}/{args.epochs}, Train Loss: {train_loss:.4f}, Train Accuracy: {train_acc:.2f}%, "
-            f"{Split} Loss: {test_loss:.4f}, {Split} Accuracy: {test_acc:.2f}%")
         now = time.perf_counter()
         history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 2),
                         "test_loss": round(test_loss, 4), "test_acc": round(test_acc, 2),
@@ -737,11 +737,15 @@ def run(args, log_file):
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch, "best": max(best, test_acc),
                  "history": history, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-        if test_acc > best:
-            best = test_acc
-            save_checkpoint(out / "best.pt", state)
-        save_checkpoint(out / "last.pt", state)
-        write_metrics(out, history)
+        with interrupts.held():
+            if test_acc > best:
+                best = test_acc
+                save_checkpoint(out / "best.pt", state)
+            save_checkpoint(out / "last.pt", state)
+            write_metrics(out, history)
+            Split = split.capitalize()  # logged after the save: an epoch that is logged is an epoch that is kept
+            log(f"Epoch {epoch}/{args.epochs}, Train Loss: {train_loss:.4f}, Train Accuracy: {train_acc:.2f}%, "
+                f"{Split} Loss: {test_loss:.4f}, {Split} Accuracy: {test_acc:.2f}%")
 
     final, top = history[-1], max(history, key=lambda h: h["test_acc"])
     reached = next((h for h in history if h["test_acc"] >= 85.0), None)
@@ -757,16 +761,36 @@ def run(args, log_file):
     log(f"run folder: {out} (train.log, metrics.csv, best.pt, last.pt, curves.png, confusion.png, misclassified.png)")
 
 
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt("SIGTERM")  # handled like Ctrl-C: the last completed checkpoint stays
+class Interrupts:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, except inside `with interrupts.held():`, where they wait for
+    the block to end: a checkpoint, the metrics and the epoch's log line are never left half-written."""
+    def __init__(self):
+        self.holding, self.pending = False, None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.holding:
+            self.pending = signum
+        else:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            if self.pending:
+                raise KeyboardInterrupt(signal.Signals(self.pending).name)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     log_file = [None]
-    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        run(args, log_file)
+        run(args, log_file, Interrupts())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

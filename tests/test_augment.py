@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+
+from conftest import exp
+
+MEAN, STD = np.array(exp.CIFAR10_MEAN), np.array(exp.CIFAR10_STD)
+
+
+def normalised(img):
+    return ((img / 255.0 - MEAN) / STD).transpose(2, 0, 1)
+
+
+@pytest.fixture
+def image():
+    return np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def test_cifar10_statistics_are_the_true_ones():
+    assert exp.CIFAR10_STD == (0.2470, 0.2435, 0.2616)
+    assert exp.CIFAR10_MEAN == (0.4914, 0.4822, 0.4465)
+
+
+def test_test_transform_normalises_only(image):
+    out = exp.test_transform()(image=image)["image"].numpy()
+    assert out.shape == (3, 32, 32)
+    np.testing.assert_allclose(out, normalised(image), atol=1e-5)
+
+
+def test_all_probabilities_zero_is_the_test_transform(image):
+    out = exp.train_transform(0, 0, 0)(image=image)["image"].numpy()
+    np.testing.assert_allclose(out, normalised(image), atol=1e-5)
+
+
+def test_flip_mirrors(image):
+    out = exp.train_transform(flip_p=1, affine_p=0, dropout_p=0)(image=image)["image"].numpy()
+    np.testing.assert_allclose(out, normalised(image[:, ::-1]), atol=1e-5)
+
+
+def test_one_16x16_hole_filled_with_the_mean_colour(image):
+    t = exp.train_transform(flip_p=0, affine_p=0, dropout_p=1)
+    for seed in range(10):
+        t.set_random_seed(seed)
+        out = t(image=image)["image"].numpy()
+        changed = np.abs(out - normalised(image)).max(0) > 1e-5
+        rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
+        assert len(rows) == 16 and len(cols) == 16 and np.ptp(rows) == 15 and np.ptp(cols) == 15
+        hole = out[:, rows[0]:rows[0] + 16, cols[0]:cols[0] + 16]
+        # the mean colour, which normalises to ~0 (uint8 rounding of mean*255 leaves < 1/255/std)
+        assert np.abs(hole).max() < 1 / 255 / STD.min()
+
+
+def test_affine_moves_pixels(image):
+    t = exp.train_transform(flip_p=0, affine_p=1, dropout_p=0)
+    outs = [t(image=image)["image"].numpy() for _ in range(5)]
+    assert all(np.abs(o - normalised(image)).mean() > 0.1 for o in outs)
+    assert np.abs(outs[0] - outs[1]).mean() > 0.1  # a new draw each call
+
+
+def test_affine_shift_is_drawn_per_axis():
+    t = exp.train_transform(flip_p=0, affine_p=1, dropout_p=0)
+    affine = next(x for x in t.transforms if type(x).__name__ == "Affine")
+    affine.set_random_seed(0)
+    shifts = np.array([[s["x"], s["y"]] for s in (affine._get_translate_params((32, 32)) for _ in range(200))])
+    assert np.abs(shifts).max() == 3  # +-10% of 32 px, truncated to whole pixels
+    assert (shifts[:, 0] != shifts[:, 1]).mean() > 0.5  # x and y drawn separately
+
+
+def test_coarse_dropout_uses_albumentations_2_names():
+    t = exp.train_transform()
+    drop = next(x for x in t.transforms if type(x).__name__ == "CoarseDropout")
+    assert drop.num_holes_range == (1, 1)
+    assert drop.hole_height_range == (16, 16) and drop.hole_width_range == (16, 16)

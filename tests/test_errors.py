@@ -1,0 +1,168 @@
+"""Bad input gives one clear line on stderr and exit status 2; nothing is left half-written."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import exp, make_image_folder
+
+
+def fails(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        exp.main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("flag,value", [("--epochs", 0), ("--batch-size", -1), ("--limit", 0), ("--lr", 0),
+                                        ("--lr", "-0.1"), ("--epochs", "ten"), ("--device", "tpu"),
+                                        ("--dropout-p", 1.5)])
+def test_nonsense_flags(flag, value, capsys):
+    err = fails([flag, value], capsys)
+    assert flag in err
+
+
+def test_negative_workers(tmp_path, capsys):
+    assert "--workers" in fails(["--workers", -1, "--data-dir", tmp_path], capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
+def test_cuda_requested_where_there_is_none(image_folder, capsys):
+    assert "no CUDA device" in fails(["--device", "cuda", "--data-dir", image_folder], capsys)
+
+
+def test_mps_requested_where_there_is_none(image_folder, capsys):
+    if torch.backends.mps.is_available():
+        pytest.skip("MPS is present")
+    assert "MPS is not available" in fails(["--device", "mps", "--data-dir", image_folder], capsys)
+
+
+def test_missing_data_dir_offline_says_how_to_point_at_a_local_copy(tmp_path, offline, capsys):
+    err = fails(["--data-dir", tmp_path / "absent", "--out", tmp_path / "run"], capsys)
+    assert "--data-dir" in err and "ImageFolder" in err
+    assert not (tmp_path / "absent").exists() and not (tmp_path / "run").exists()
+
+
+def test_empty_data_dir_offline_leaves_no_partial_download(tmp_path, offline, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "downloading it failed" in fails(["--data-dir", tmp_path / "empty"], capsys)
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_folder_that_is_not_cifar10(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"x")
+    err = fails(["--data-dir", tmp_path / "photos"], capsys)
+    assert "is not a CIFAR-10 folder" in err and "train/<class>" in err
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda t: os.rename(t / "test" / "frog", t / "test" / ".frog"), "missing: frog"),
+    (lambda t: (t / "train" / "unicorn").mkdir(), "unexpected: unicorn"),
+    (lambda t: os.rename(t / "train" / "automobile", t / "train" / "car"), "missing: automobile; unexpected: car"),
+])
+def test_wrong_class_layout_names_what_is_wrong(tmp_path, capsys, change, expected):
+    root = make_image_folder(tmp_path / "tree", per_class=(2, 2))
+    change(root)
+    err = fails(["--data-dir", root], capsys)
+    assert expected in err and "exactly the ten CIFAR-10 class folders" in err
+
+
+def test_empty_class_folder(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "tree", per_class=(2, 2))
+    for f in (root / "train" / "cat").iterdir():
+        f.unlink()
+    assert f"{root / 'train' / 'cat'} holds no images" in fails(["--data-dir", root], capsys)
+
+
+def test_stray_files_are_skipped_and_odd_images_converted(tmp_path):
+    root = make_image_folder(tmp_path / "tree", per_class=(2, 2))
+    for name in (".DS_Store", "Thumbs.db", "README"):
+        (root / "train" / "cat" / name).write_bytes(b"\0junk")
+    Image.new("L", (32, 32), 128).save(root / "train" / "dog" / "gray.png")
+    Image.new("RGBA", (32, 32), (10, 20, 30, 40)).save(root / "train" / "dog" / "rgba.png")
+    Image.new("RGB", (64, 64), (200, 100, 50)).save(root / "train" / "dog" / "big.png")
+    splits, _, notes = exp.load_cifar10(root)
+    x, y = splits["train"]
+    assert x.shape == (23, 32, 32, 3)
+    assert len(notes["non-image files skipped"]) == 3
+    assert len(notes["converted to RGB"]) == 2 and len(notes["resized to 32x32"]) == 1
+    dog = x[y == exp.CLASSES.index("dog")]
+    assert (dog == [200, 100, 50]).all(-1).all((1, 2)).sum() == 1  # the 64x64 one, resized
+    assert (dog == 128).all((1, 2, 3)).sum() == 1  # the grayscale one, as RGB
+
+
+def test_corrupt_image_names_the_file(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "tree", per_class=(2, 2))
+    good = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(good).save(root / "test" / "ship" / "bad.jpg", quality=95)
+    data = (root / "test" / "ship" / "bad.jpg").read_bytes()
+    (root / "test" / "ship" / "bad.jpg").write_bytes(data[: len(data) // 2])
+    err = fails(["--data-dir", root, "--out", tmp_path / "run"], capsys)
+    assert "bad.jpg" in err and "cannot read image" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_folder_is_not_overwritten(image_folder, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train.log").write_text("precious")
+    err = fails(["--data-dir", image_folder, "--out", tmp_path / "run"], capsys)
+    assert "--resume" in err and "--overwrite" in err
+    assert (tmp_path / "run" / "train.log").read_text() == "precious"
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--evaluate"])
+def test_checkpoint_that_does_not_exist(mode, tmp_path, capsys):
+    assert "does not exist" in fails([mode, tmp_path / "nope.pt"], capsys)
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--evaluate"])
+def test_file_that_is_not_a_checkpoint(mode, tmp_path, capsys):
+    (tmp_path / "notes.pt").write_text("just some text")
+    assert "is not a loadable checkpoint" in fails([mode, tmp_path / "notes.pt"], capsys)
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--evaluate"])
+def test_checkpoint_of_a_different_network(mode, tmp_path, capsys):
+    torch.save({"model": torch.nn.Linear(3, 2).state_dict()}, tmp_path / "other.pt")
+    assert "holds a different network" in fails([mode, tmp_path / "other.pt"], capsys)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path, capsys):
+    global MARKER
+    MARKER = tmp_path / "pwned"
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"model": RunsCode()}, f)
+    err = fails(["--evaluate", tmp_path / "evil.pt"], capsys)
+    assert "refused for safety" in err
+    assert not MARKER.exists()
+
+
+def test_exploding_loss_stops_with_a_clear_message(image_folder, tmp_path, capsys):
+    err = fails(["--data-dir", image_folder, "--out", tmp_path / "run", "--lr", 1e30, "--epochs", 2,
+                 "--batch-size", 20, "--workers", 0], capsys)
+    assert "epoch 1, batch" in err and "stopped" in err
+
+
+def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys, monkeypatch):
+    real = exp.train_one_epoch
+
+    def nan_in_epoch_2(*args):
+        if args[7] == 2:
+            raise exp.NonFiniteLoss("loss became nan at epoch 2, batch 5")
+        return real(*args)
+    monkeypatch.setattr(exp, "train_one_epoch", nan_in_epoch_2)
+    run = tmp_path / "run"
+    err = fails(["--data-dir", image_folder, "--out", run, "--epochs", 3, "--batch-size", 20, "--workers", 0], capsys)
+    assert "epoch 2, batch 5" in err and f"last good checkpoint is {run / 'last.pt'}" in err
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1

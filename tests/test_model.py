@@ -1,0 +1,49 @@
+import re
+
+import torch
+
+from conftest import ROOT, exp
+
+PER_LAYER = {"conv1 + bn1": 480, "sep_conv1 + bn_sep1": 768, "dil_conv1 + bn_dil1": 9312, "conv2 + bn2": 9312,
+             "sep_conv2 + bn_sep2": 1440, "dil_conv2 + bn_dil2": 9312, "conv3 + bn3": 18624,
+             "dil_conv3 + bn_dil3": 37056, "gap + fc": 650}
+SHAPES = {"conv1 + bn1": (16, 32, 32), "sep_conv1 + bn_sep1": (32, 32, 32), "dil_conv1 + bn_dil1": (32, 32, 32),
+          "conv2 + bn2": (32, 16, 16), "sep_conv2 + bn_sep2": (32, 16, 16), "dil_conv2 + bn_dil2": (32, 16, 16),
+          "conv3 + bn3": (64, 8, 8), "dil_conv3 + bn_dil3": (64, 8, 8), "gap + fc": (10,)}
+RECEPTIVE = [3, 5, 9, 11, 15, 23, 27, 67]
+
+
+def test_parameter_counts_total_and_per_layer():
+    model = exp.Net()
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 86_954
+    assert {name: params for name, _, params, _ in exp.layer_table(model)} == PER_LAYER
+    assert all(conv.bias is not None for conv in model.modules() if isinstance(conv, torch.nn.Conv2d))
+
+
+def test_shapes_through_every_block():
+    model = exp.Net()
+    assert {name: shape for name, shape, _, _ in exp.layer_table(model)} == SHAPES
+    assert model(torch.randn(5, 3, 32, 32)).shape == (5, 10)
+
+
+def test_receptive_field_grows_past_44_pixels():
+    rfs = [rf for _, _, _, rf in exp.layer_table(exp.Net())][:-1]
+    assert rfs == RECEPTIVE and rfs[-1] > 44
+
+
+def test_readme_table_is_the_summary_output():
+    readme = (ROOT / "README.md").read_text()
+    assert exp.summary_text(exp.Net()) in readme
+    assert "86,954" in readme and "201,802" not in readme.replace("claimed 201,802", "")
+
+
+def test_flops_per_training_image_is_about_115_mflop():
+    assert 114e6 < exp.train_flops_per_image(exp.Net()) < 116e6
+
+
+def test_summary_flag_prints_table_without_touching_data(tmp_path, capsys):
+    exp.main(["--summary", "--data-dir", str(tmp_path / "absent")])
+    out = capsys.readouterr().out
+    assert "Total trainable parameters: 86,954" in out
+    assert re.search(r"\| dil_conv3 \+ bn_dil3 \| 64x8x8 \| 37,056 \| 67x67 \|", out)
+    assert not (tmp_path / "absent").exists()

@@ -1,0 +1,138 @@
+import csv
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import JPEG_COPY, ROOT, exp, needs_jpeg_copy
+
+SCRIPT = str(ROOT / "experiment2_cifar_cnn.py")
+CPU = (torch.device("cpu"), "fp32", False)
+BATCH_LINE = re.compile(r"^Epoch (\d+), Batch (\d+): Train Loss: \d+\.\d{4}, Train Accuracy: \d+\.\d{2}%$", re.M)
+EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+), Train Loss: \d+\.\d{4}, Train Accuracy: \d+\.\d{2}%, "
+                        r"Test Loss: \d+\.\d{4}, Test Accuracy: (\d+\.\d{2})%$", re.M)
+
+
+def script(*args, **kw):
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=600, **kw)
+
+
+def read_metrics(folder):
+    with open(folder / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in csv.DictReader(f)]
+
+
+def test_a_few_hundred_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = exp.Net()
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    losses = []
+    for _ in range(300):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 2.0 and losses[-1] < 0.1 * losses[0]
+
+
+def test_train_one_epoch_returns_epoch_averages_and_logs_every_n_batches(image_folder):
+    splits, _, _ = exp.load_cifar10(image_folder)
+    model, lines = exp.Net(), []
+    ds = exp.AugmentedCIFAR10(*splits["train"], exp.train_transform())
+    loader = exp.make_loader(ds, 20, True, 0, 0, CPU[0])
+    opt = exp.make_optimizer(model, exp.build_parser().parse_args([]))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, total_steps=len(loader))
+    loss, acc = exp.train_one_epoch(model, loader, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
+                                    nn.CrossEntropyLoss(), CPU, 3, 4, lines.append)
+    assert len(lines) == 2 and all(BATCH_LINE.match(line) for line in lines)
+    assert [BATCH_LINE.match(line).groups() for line in lines] == [("3", "4"), ("3", "8")]
+    assert 0 < loss < 5 and 0 <= acc <= 100
+
+
+def test_non_finite_loss_names_epoch_and_batch(image_folder):
+    splits, _, _ = exp.load_cifar10(image_folder)
+    model = exp.Net()
+    ds = exp.AugmentedCIFAR10(*splits["train"], exp.train_transform())
+    loader = exp.make_loader(ds, 20, True, 0, 0, CPU[0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    nan_on_batch_3 = iter([1.0, 1.0, float("nan")] + [1.0] * 10)
+    criterion = lambda out, y: nn.functional.cross_entropy(out, y) * next(nan_on_batch_3)  # noqa: E731
+    with pytest.raises(exp.NonFiniteLoss, match="epoch 2, batch 3"):
+        exp.train_one_epoch(model, loader, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
+                            criterion, CPU, 2, 100, print)
+
+
+def test_checkpoint_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = exp.Net()
+    model(torch.randn(8, 3, 32, 32))  # move BN running statistics off their defaults
+    state = {"model": model.state_dict(), "epoch": 3, "history": [{"epoch": 1, "test_acc": 50.0}]}
+    exp.save_checkpoint(tmp_path / "c.pt", state)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
+    other = exp.Net()
+    loaded = exp.load_checkpoint(tmp_path / "c.pt", other)
+    assert loaded["epoch"] == 3 and loaded["history"] == state["history"]
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(model.eval()(x), other.eval()(x))
+
+
+def test_resume_after_sigterm_ends_with_the_same_metrics_as_an_uninterrupted_run(image_folder, tmp_path):
+    common = ["--data-dir", image_folder, "--epochs", 3, "--batch-size", 20, "--workers", 1, "--seed", 7]
+    full = script(*common, "--out", tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, common), "--out", str(cut)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("Epoch 1/3"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert f"--resume {cut / 'last.pt'}" in err
+    assert len(read_metrics(cut)) == 1
+    assert read_metrics(cut) == read_metrics(tmp_path / "full")[:1]  # same seed, same numbers
+
+    resumed = script("--resume", cut / "last.pt")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert read_metrics(cut) == read_metrics(tmp_path / "full")
+    log = (cut / "train.log").read_text()
+    assert [m[0] for m in EPOCH_LINE.findall(log)] == ["1", "2", "3"]
+
+
+@needs_jpeg_copy
+def test_end_to_end_on_the_jpeg_copy_learns_far_above_chance(tmp_path):
+    out = tmp_path / "run"
+    r = script("--data-dir", JPEG_COPY, "--epochs", 2, "--limit", 3000, "--log-every", 10, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "Total trainable parameters: 86954" in r.stdout
+    assert len(BATCH_LINE.findall(r.stdout)) == 2 * 2  # 23 batches per epoch, a line every 10
+    epochs = EPOCH_LINE.findall(r.stdout)
+    assert [e[:2] for e in epochs] == [("1", "2"), ("2", "2")]
+    assert float(epochs[-1][2]) > 30.0  # chance is 10%; this setting reaches ~40%
+    for name in ("train.log", "metrics.csv", "best.pt", "last.pt", "curves.png", "confusion.png", "misclassified.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "train.log").read_text().count("Test Accuracy") == 2
+    assert len(read_metrics(out)) == 2
+
+    ev = script("--evaluate", out / "last.pt", "--data-dir", JPEG_COPY, "--limit", 3000)
+    assert ev.returncode == 0, ev.stderr
+    assert f"Test Accuracy: {epochs[-1][2]}%" in ev.stdout
+
+
+def test_benchmark_runs_on_synthetic_data_and_prints_its_line(tmp_path):
+    r = script("--benchmark", "--data-dir", tmp_path / "none", "--limit", 256, "--batch-size", 32, "--workers", 0)
+    assert r.returncode == 0, r.stderr
+    assert "synthetic" in r.stdout
+    last = r.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"benchmark: step=\d+ img/s, epoch=\d+ img/s, hidden=\d+\.\d\d, speedup=\d+\.\dx, "
+                        r"roofline=\d+\.\d\d", last), last
