@@ -142,7 +142,7 @@ def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path, capsys):
     global MARKER
     MARKER = tmp_path / "pwned"
     with open(tmp_path / "evil.pt", "wb") as f:
-        pickle.dump({"model": RunsCode()}, f)
+        pickle.dump({"model": RunsCode()}, f, protocol=2)
     err = fails(["--evaluate", tmp_path / "evil.pt"], capsys)
     assert "refused for safety" in err
     assert not MARKER.exists()
@@ -166,3 +166,8 @@ def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(image_folder, tmp_p
     err = fails(["--data-dir", image_folder, "--out", run, "--epochs", 3, "--batch-size", 20, "--workers", 0], capsys)
     assert "epoch 2, batch 5" in err and f"last good checkpoint is {run / 'last.pt'}" in err
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_resume_from_weights_without_training_state(tmp_path, capsys):
+    torch.save({"model": exp.Net().state_dict()}, tmp_path / "weights.pt")
+    assert "no training state" in fails(["--resume", tmp_path / "weights.pt"], capsys)

@@ -84,7 +84,7 @@ def test_checkpoint_round_trips(tmp_path):
 
 
 def test_resume_after_sigterm_ends_with_the_same_metrics_as_an_uninterrupted_run(image_folder, tmp_path):
-    common = ["--data-dir", image_folder, "--epochs", 3, "--batch-size", 20, "--workers", 1, "--seed", 7]
+    common = ["--data-dir", image_folder, "--epochs", 3, "--batch-size", 4, "--workers", 1, "--seed", 7]
     full = script(*common, "--out", tmp_path / "full")
     assert full.returncode == 0, full.stderr
 
@@ -96,14 +96,15 @@ def test_resume_after_sigterm_ends_with_the_same_metrics_as_an_uninterrupted_run
             proc.send_signal(signal.SIGTERM)
             break
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143
+    assert proc.returncode == 143, err
     assert f"--resume {cut / 'last.pt'}" in err
-    assert len(read_metrics(cut)) == 1
-    assert read_metrics(cut) == read_metrics(tmp_path / "full")[:1]  # same seed, same numbers
+    done = len(read_metrics(cut))  # 1, or 2 if epoch 2 ended before the signal landed
+    assert done in (1, 2)
+    assert read_metrics(cut) == read_metrics(tmp_path / "full")[:done]  # same seed, same numbers
 
     resumed = script("--resume", cut / "last.pt")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
+    assert f"resumed from {cut / 'last.pt'} after epoch {done}" in resumed.stdout
     assert read_metrics(cut) == read_metrics(tmp_path / "full")
     log = (cut / "train.log").read_text()
     assert [m[0] for m in EPOCH_LINE.findall(log)] == ["1", "2", "3"]
