@@ -76,7 +76,7 @@ def build_parser():
     p = OneLineParser(prog="experiment2_cifar_cnn.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive(int), default=40)
+    g.add_argument("--epochs", type=positive(int), default=60)
     g.add_argument("--batch-size", type=positive(int), default=128)
     g.add_argument("--lr", type=positive(float), default=0.05, help="OneCycle peak learning rate")
     g.add_argument("--warmup", type=probability, default=0.2, help="share of steps rising to the peak LR")
