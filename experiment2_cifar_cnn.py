@@ -459,9 +459,11 @@ def make_optimizer(model, args):
 
 def save_checkpoint(path, state):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(state, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file
         os.replace(tmp, path)  # a kill at any moment leaves the previous file intact
     finally:
         if os.path.exists(tmp):
@@ -477,10 +479,10 @@ def load_checkpoint(path, model):
         why = "it holds objects other than tensors and numbers, refused for safety" \
             if "weights_only" in str(e).lower() or "unsupported global" in str(e).lower() else str(e).splitlines()[0]
         raise UserError(f"{path} is not a loadable checkpoint: {why}") from None
-    if not isinstance(state, dict) or "model" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"{path} is not a checkpoint of this script")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state["model"].items()}
+    found = {k: tuple(getattr(v, "shape", ())) for k, v in state["model"].items()}
     if found != expected:
         diff = sorted(set(found.items()) ^ set(expected.items()))[:3]
         raise UserError(f"{path} holds a different network (first differences: {diff})")

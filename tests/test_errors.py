@@ -171,3 +171,8 @@ def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(image_folder, tmp_p
 def test_resume_from_weights_without_training_state(tmp_path, capsys):
     torch.save({"model": exp.Net().state_dict()}, tmp_path / "weights.pt")
     assert "no training state" in fails(["--resume", tmp_path / "weights.pt"], capsys)
+
+
+def test_loadable_file_that_is_not_this_scripts_checkpoint(tmp_path, capsys):
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "other.pt")
+    assert "is not a checkpoint of this script" in fails(["--evaluate", tmp_path / "other.pt"], capsys)

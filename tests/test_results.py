@@ -1,0 +1,29 @@
+"""The published figures are the committed run's own: README quotes results/, results/ agrees with itself."""
+import csv
+import re
+
+from conftest import ROOT
+
+RESULTS = ROOT / "results"
+
+
+def test_readme_quotes_the_final_epoch_line_of_the_committed_log():
+    log = (RESULTS / "train.log").read_text()
+    final = re.findall(r"^Epoch (\d+)/(\d+), .*$", log, re.M)
+    last_line = [line for line in log.splitlines() if line.startswith(f"Epoch {final[-1][0]}/")][-1]
+    assert final[-1][0] == final[-1][1], "the headline run did not finish"
+    assert last_line in (ROOT / "README.md").read_text()
+
+
+def test_metrics_csv_matches_the_log():
+    log = (RESULTS / "train.log").read_text()
+    logged = re.findall(r"^Epoch (\d+)/\d+, .*Test Accuracy: (\d+\.\d\d)%$", log, re.M)
+    with open(RESULTS / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], f"{float(r['test_acc']):.2f}") for r in rows] == logged
+    assert "ImageFolder ../shared/cifar10-jpeg" in log  # the data the README names
+
+
+def test_pictures_are_published():
+    for name in ("curves.png", "confusion.png", "misclassified.png"):
+        assert (RESULTS / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
