@@ -113,19 +113,19 @@ def test_resume_after_sigterm_ends_with_the_same_metrics_as_an_uninterrupted_run
 @needs_jpeg_copy
 def test_end_to_end_on_the_jpeg_copy_learns_far_above_chance(tmp_path):
     out = tmp_path / "run"
-    r = script("--data-dir", JPEG_COPY, "--epochs", 2, "--limit", 3000, "--log-every", 10, "--out", out)
+    r = script("--data-dir", JPEG_COPY, "--epochs", 2, "--limit", 5000, "--log-every", 10, "--out", out)
     assert r.returncode == 0, r.stderr
     assert "Total trainable parameters: 86954" in r.stdout
-    assert len(BATCH_LINE.findall(r.stdout)) == 2 * 2  # 23 batches per epoch, a line every 10
+    assert len(BATCH_LINE.findall(r.stdout)) == 2 * 3  # 39 batches per epoch, a line every 10
     epochs = EPOCH_LINE.findall(r.stdout)
     assert [e[:2] for e in epochs] == [("1", "2"), ("2", "2")]
-    assert float(epochs[-1][2]) > 30.0  # chance is 10%; this setting reaches ~40%
+    assert float(epochs[-1][2]) > 25.0  # chance is 10%; this setting reached 38% here
     for name in ("train.log", "metrics.csv", "best.pt", "last.pt", "curves.png", "confusion.png", "misclassified.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "train.log").read_text().count("Test Accuracy") == 2
     assert len(read_metrics(out)) == 2
 
-    ev = script("--evaluate", out / "last.pt", "--data-dir", JPEG_COPY, "--limit", 3000)
+    ev = script("--evaluate", out / "last.pt", "--data-dir", JPEG_COPY, "--limit", 5000)
     assert ev.returncode == 0, ev.stderr
     assert f"Test Accuracy: {epochs[-1][2]}%" in ev.stdout
 
