@@ -388,8 +388,12 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def memory_format(channels_last):
+    return torch.channels_last if channels_last else torch.preserve_format
+
+
 def to_device(x, y, device, channels_last):
-    x = x.to(device, non_blocking=True, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    x = x.to(device, non_blocking=True, memory_format=memory_format(channels_last))
     return x, y.to(device, non_blocking=True)
 
 
@@ -558,6 +562,8 @@ def benchmark(args, device, precision, channels_last, log):
     def rate(fn, seconds=3.0, warmup=3):
         for _ in range(warmup):
             fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds or n < 3:
             fn()
@@ -586,7 +592,7 @@ def benchmark(args, device, precision, channels_last, log):
     y = torch.randint(0, 10, (bs,), device=device)
     steps = {}
     for name, cfg in (("configured", (device, precision, channels_last)), ("plain NCHW fp32", (device, "fp32", False))):
-        model = Net().to(device, memory_format=torch.channels_last if cfg[2] else torch.preserve_format)
+        model = Net().to(device, memory_format=memory_format(cfg[2]))
         opt, criterion = make_optimizer(model, args), nn.CrossEntropyLoss()
         scaler = torch.amp.GradScaler(device.type, enabled=cfg[1] == "fp16")
         xb = x.contiguous(memory_format=torch.channels_last) if cfg[2] else x
@@ -614,7 +620,7 @@ def benchmark(args, device, precision, channels_last, log):
     pipeline = seen / (time.perf_counter() - start)
     log(f"data pipeline alone (decoded arrays -> augment -> collate, {args.workers} workers): {pipeline:.0f} img/s")
 
-    model = Net().to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model = Net().to(device, memory_format=memory_format(channels_last))
     opt = make_optimizer(model, args)
     loader = make_loader(train_set, bs, True, args.workers, 0, device)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=len(loader))
@@ -692,7 +698,7 @@ def run(args, log_file, interrupts):
     if args.evaluate:
         load_checkpoint(args.evaluate, model)
         splits, source, _ = load_cifar10(args.data_dir, args.limit)
-        model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        model.to(device, memory_format=memory_format(channels_last))
         test_set = AugmentedCIFAR10(*splits["test"], test_transform())
         loss, acc, preds = evaluate(model, make_loader(test_set, 1000, False, args.workers, 0, device), cfg)
         log(f"{args.evaluate} on {source} test: Test Loss: {loss:.4f}, Test Accuracy: {acc:.2f}%")
@@ -718,7 +724,7 @@ def run(args, log_file, interrupts):
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images")
 
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model.to(device, memory_format=memory_format(channels_last))
     optimizer = make_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
                                                     pct_start=args.warmup)
