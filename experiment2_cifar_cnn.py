@@ -595,7 +595,7 @@ def benchmark(args, device, precision, channels_last, log):
         model = Net().to(device, memory_format=memory_format(cfg[2]))
         opt, criterion = make_optimizer(model, args), nn.CrossEntropyLoss()
         scaler = torch.amp.GradScaler(device.type, enabled=cfg[1] == "fp16")
-        xb = x.contiguous(memory_format=torch.channels_last) if cfg[2] else x
+        xb, _ = to_device(x, y, device, cfg[2])
 
         def step(model=model, opt=opt, criterion=criterion, scaler=scaler, xb=xb, cfg=cfg):
             with autocast(device, cfg[1]):
@@ -731,13 +731,13 @@ def run(args, log_file, interrupts):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     step_model = torch.compile(model) if args.compile else model
-    history, best, start_epoch = [], 0.0, 1
+    history, start_epoch = [], 1
     if resume_state:
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         scaler.load_state_dict(resume_state["scaler"])
         torch.set_rng_state(resume_state["rng"])
-        history, best, start_epoch = resume_state["history"], resume_state["best"], resume_state["epoch"] + 1
+        history, start_epoch = resume_state["history"], resume_state["epoch"] + 1
         log(f"resumed from {args.resume} after epoch {start_epoch - 1}")
 
     run_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
@@ -753,16 +753,16 @@ def run(args, log_file, interrupts):
                             f"{last if last.exists() else 'none (no epoch finished)'}; try a lower --lr") from None
         test_loss, test_acc, preds = evaluate(step_model, eval_loader, cfg)
         now = time.perf_counter()
+        is_best = all(test_acc > h["test_acc"] for h in history)  # the best so far is read off the history
         history.append({"epoch": epoch, "train_loss": round(train_loss, 4), "train_acc": round(train_acc, 2),
                         "test_loss": round(test_loss, 4), "test_acc": round(test_acc, 2),
                         "lr": scheduler.get_last_lr()[0], "epoch_s": round(now - epoch_start, 1),
                         "elapsed_s": round(now - run_start, 1)})
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch, "best": max(best, test_acc),
+                 "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
                  "history": history, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
         with interrupts.held():
-            if test_acc > best:
-                best = test_acc
+            if is_best:
                 save_checkpoint(out / "best.pt", state)
             save_checkpoint(out / "last.pt", state)
             write_metrics(out, history)
