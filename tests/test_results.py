@@ -2,7 +2,7 @@
 import csv
 import re
 
-from conftest import ROOT
+from conftest import ROOT, exp
 
 RESULTS = ROOT / "results"
 
@@ -27,3 +27,13 @@ def test_metrics_csv_matches_the_log():
 def test_pictures_are_published():
     for name in ("curves.png", "confusion.png", "misclassified.png"):
         assert (RESULTS / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_committed_log_ran_the_current_defaults():
+    # a change to a default changes what the README's command computes: the headline must then be re-run
+    config = re.search(r"^config: (.*)$", (RESULTS / "train.log").read_text(), re.M).group(1)
+    logged = dict(item.split("=", 1) for item in config.split(", "))
+    defaults = vars(exp.build_parser().parse_args(["--data-dir", "../shared/cifar10-jpeg"]))
+    differ = {k: (logged.get(k), str(v)) for k, v in defaults.items()
+              if k not in ("out", "workers") and logged.get(k) != str(v)}
+    assert not differ, f"results/train.log ran other settings than the defaults (logged, default): {differ}"
