@@ -590,44 +590,38 @@ def benchmark(args, device, precision, channels_last, log):
     bs = args.batch_size
     x = torch.randn(bs, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (bs,), device=device)
-    steps = {}
-    for name, cfg in (("configured", (device, precision, channels_last)), ("plain NCHW fp32", (device, "fp32", False))):
+    variants = (("configured", (device, precision, channels_last), args.compile),
+                ("plain NCHW fp32", (device, "fp32", False), False))
+    setups = {}  # name -> (cfg, forward, optimizer, scaler, input batch)
+    for name, cfg, compiled in variants:
         model = Net().to(device, memory_format=memory_format(cfg[2]))
-        opt, criterion = make_optimizer(model, args), nn.CrossEntropyLoss()
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg[1] == "fp16")
-        xb, _ = to_device(x, y, device, cfg[2])
-        compiled = args.compile and name == "configured"
-        forward = torch.compile(model) if compiled else model
+        setups[name] = (cfg, torch.compile(model) if compiled else model, make_optimizer(model, args),
+                        torch.amp.GradScaler(device.type, enabled=cfg[1] == "fp16"), to_device(x, y, device, cfg[2])[0])
 
-        def step(forward=forward, opt=opt, criterion=criterion, scaler=scaler, xb=xb, cfg=cfg):
-            with autocast(device, cfg[1]):
-                loss = criterion(forward(xb), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        steps[name] = (step, cfg, compiled)
-    step_rates = dict.fromkeys(steps, 0.0)
+    def step(cfg, forward, opt, scaler, xb):
+        with autocast(device, cfg[1]):
+            loss = F.cross_entropy(forward(xb), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    step_rates = dict.fromkeys(setups, 0.0)
     for _ in range(3):  # alternate the two, best of three: a noisy machine slows both alike
-        for name, (step, _, _) in steps.items():
-            step_rates[name] = max(step_rates[name], rate(step, seconds=1.5) * bs)
-    for name, (_, cfg, compiled) in steps.items():
+        for name, setup in setups.items():
+            step_rates[name] = max(step_rates[name], rate(lambda: step(*setup), seconds=1.5) * bs)
+    for name, cfg, compiled in variants:
         log(f"train step, {name} ({cfg[1]}, channels_last={cfg[2]}{', compiled' if compiled else ''}), batch {bs}: "
             f"{step_rates[name]:.0f} img/s, {step_rates[name] * flops / 1e9:.0f} GFLOP/s")
 
-    cfg = (device, precision, channels_last)
     train_set = AugmentedCIFAR10(*splits["train"], train_transform(args.flip_p, args.affine_p, args.dropout_p))
     start = time.perf_counter()
     seen = sum(len(y) for _, y in make_loader(train_set, bs, True, args.workers, 0, device))
     pipeline = seen / (time.perf_counter() - start)
     log(f"data pipeline alone (decoded arrays -> augment -> collate, {args.workers} workers): {pipeline:.0f} img/s")
 
-    # the epoch and the evaluation are timed on the second of two passes: the first warms caches up
-    # (and, with --compile, compiles the model for training and then for evaluation)
-    model = Net().to(device, memory_format=memory_format(channels_last))
-    forward = torch.compile(model) if args.compile else model
-    opt = make_optimizer(model, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    # the configured step's model trains on: its compiled training graph (--compile) is reused. The epoch
+    # and the evaluation are timed on the second of two passes: the first warms caches up (and compiles evaluation)
+    cfg, forward, opt, scaler, _ = setups["configured"]
     test_set = AugmentedCIFAR10(*splits["test"], test_transform())
     for seed in (0, 1):
         loader = make_loader(train_set, bs, True, args.workers, seed, device)
