@@ -54,14 +54,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive(kind):
+def positive(kind, zero_ok=False):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not (value >= 0 if zero_ok else value > 0):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {text}")
         return value
     return parse
 
@@ -82,7 +82,7 @@ def build_parser():
     g.add_argument("--lr", type=positive(float), default=0.1, help="OneCycle peak learning rate")
     g.add_argument("--warmup", type=probability, default=0.2, help="share of steps rising to the peak LR")
     g.add_argument("--momentum", type=probability, default=0.9, help="Nesterov momentum")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="on conv/linear weights, not BN or biases")
+    g.add_argument("--weight-decay", type=positive(float, zero_ok=True), default=5e-4, help="on conv/linear weights, not BN or biases")
     g.add_argument("--label-smoothing", type=probability, default=0.1)
     g.add_argument("--flip-p", type=probability, default=0.5)
     g.add_argument("--affine-p", type=probability, default=0.5)

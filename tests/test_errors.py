@@ -21,7 +21,7 @@ def fails(args, capsys):
 
 @pytest.mark.parametrize("flag,value", [("--epochs", 0), ("--batch-size", -1), ("--limit", 0), ("--lr", 0),
                                         ("--lr", "-0.1"), ("--epochs", "ten"), ("--device", "tpu"),
-                                        ("--dropout-p", 1.5)])
+                                        ("--dropout-p", 1.5), ("--weight-decay", "-0.0001")])
 def test_nonsense_flags(flag, value, capsys):
     err = fails([flag, value], capsys)
     assert flag in err
