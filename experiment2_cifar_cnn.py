@@ -793,9 +793,10 @@ class Interrupts:
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if self.holding:
-            self.pending = signum
-        else:
+        self.pending = signum
+        if not self.holding:
+            # Python swallows this raise when the signal lands in a callback, such as the at-fork hooks run while a
+            # DataLoader worker starts; `pending` then stops the run after that epoch's checkpoint
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
     @contextlib.contextmanager

@@ -1,3 +1,4 @@
+import contextlib
 import csv
 import re
 import signal
@@ -81,6 +82,23 @@ def test_checkpoint_round_trips(tmp_path):
     assert loaded["epoch"] == 3 and loaded["history"] == state["history"]
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(model.eval()(x), other.eval()(x))
+
+
+def test_a_signal_whose_exception_python_swallowed_still_stops_the_run_after_the_checkpoint():
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        interrupts = exp.Interrupts()
+        # as when SIGTERM lands in os.fork's at-fork hooks while a DataLoader worker starts: the raise is lost
+        with contextlib.suppress(KeyboardInterrupt):
+            interrupts.handle(signal.SIGTERM, None)
+        checkpoint_written = False
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            with interrupts.held():
+                checkpoint_written = True
+        assert checkpoint_written
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def test_resume_after_sigterm_ends_with_the_same_metrics_as_an_uninterrupted_run(image_folder, tmp_path):
