@@ -500,7 +500,7 @@ def load_checkpoint(path, model):
 # -----------------------------------------------------------------------------
 # Pictures: curves, confusion matrix, misclassified test images
 
-def save_pictures(out, history, images, labels, preds, split):
+def save_pictures(out, history, images, labels, preds, split, first_flip_only_epoch):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -510,6 +510,8 @@ def save_pictures(out, history, images, labels, preds, split):
     for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy (%)")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train (augmented)")
         ax.plot(epochs, [h[f"test_{key}"] for h in history], label=split)
+        if first_flip_only_epoch <= epochs[-1]:
+            ax.axvline(first_flip_only_epoch - 0.5, color="gray", linestyle="--", label="flip only from here (--aug-off)")
         ax.set(xlabel="epoch", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -783,7 +785,7 @@ def run(args, log_file, interrupts):
         f"{final['elapsed_s'] / 60:.1f} min in all")
     labels = splits[split][1]
     preds = preds.numpy()
-    confusion = save_pictures(out, history, splits[split][0], labels, preds, split)
+    confusion = save_pictures(out, history, splits[split][0], labels, preds, split, first_flip_only_epoch)
     log("Per-class accuracy: " + ", ".join(f"{c} {100 * confusion[i, i] / confusion[i].sum():.1f}%"
                                            for i, c in enumerate(CLASSES)))
     log(f"run folder: {out} (train.log, metrics.csv, best.pt, last.pt, curves.png, confusion.png, misclassified.png)")
