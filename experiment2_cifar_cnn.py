@@ -77,7 +77,7 @@ def build_parser():
     p = OneLineParser(prog="experiment2_cifar_cnn.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive(int), default=40)
+    g.add_argument("--epochs", type=positive(int), default=60)
     g.add_argument("--batch-size", type=positive(int), default=64)
     g.add_argument("--lr", type=positive(float), default=0.1, help="OneCycle peak learning rate")
     g.add_argument("--warmup", type=probability, default=0.2, help="share of steps rising to the peak LR")
@@ -87,7 +87,7 @@ def build_parser():
     g.add_argument("--flip-p", type=probability, default=0.5)
     g.add_argument("--affine-p", type=probability, default=0.5)
     g.add_argument("--dropout-p", type=probability, default=0.25, help="probability of the 16x16 CoarseDropout hole")
-    g.add_argument("--aug-off", type=probability, default=0.5,
+    g.add_argument("--aug-off", type=probability, default=0.0,
                    help="share of the final epochs trained with the flip only (affine and CoarseDropout off)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data")
