@@ -87,8 +87,6 @@ def build_parser():
     g.add_argument("--flip-p", type=probability, default=0.5)
     g.add_argument("--affine-p", type=probability, default=0.5)
     g.add_argument("--dropout-p", type=probability, default=0.25, help="probability of the 16x16 CoarseDropout hole")
-    g.add_argument("--aug-off", type=probability, default=0.0,
-                   help="share of the final epochs trained with the flip only (affine and CoarseDropout off)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, default=Path("data"),
@@ -500,7 +498,7 @@ def load_checkpoint(path, model):
 # -----------------------------------------------------------------------------
 # Pictures: curves, confusion matrix, misclassified test images
 
-def save_pictures(out, history, images, labels, preds, split, first_flip_only_epoch):
+def save_pictures(out, history, images, labels, preds, split):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -510,8 +508,6 @@ def save_pictures(out, history, images, labels, preds, split, first_flip_only_ep
     for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "acc", "accuracy (%)")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train (augmented)")
         ax.plot(epochs, [h[f"test_{key}"] for h in history], label=split)
-        if first_flip_only_epoch <= epochs[-1]:
-            ax.axvline(first_flip_only_epoch - 0.5, color="gray", linestyle="--", label="flip only from here (--aug-off)")
         ax.set(xlabel="epoch", title=title)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -722,8 +718,6 @@ def run(args, log_file, interrupts):
     log(f"Total trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad)}")
 
     train_set = AugmentedCIFAR10(*splits["train"], train_transform(args.flip_p, args.affine_p, args.dropout_p))
-    flip_only_set = AugmentedCIFAR10(*splits["train"], train_transform(args.flip_p, 0.0, 0.0))
-    first_flip_only_epoch = args.epochs - round(args.aug_off * args.epochs) + 1
     eval_set = AugmentedCIFAR10(*splits[split], test_transform())
     eval_loader = make_loader(eval_set, 1000, False, args.workers, 0, device)
     steps_per_epoch = len(train_set) // args.batch_size
@@ -749,8 +743,7 @@ def run(args, log_file, interrupts):
     run_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
     for epoch in range(start_epoch, args.epochs + 1):
         epoch_start = time.perf_counter()
-        epoch_set = flip_only_set if epoch >= first_flip_only_epoch else train_set
-        loader = make_loader(epoch_set, args.batch_size, True, args.workers, args.seed * 1000 + epoch, device)
+        loader = make_loader(train_set, args.batch_size, True, args.workers, args.seed * 1000 + epoch, device)
         try:
             train_loss, train_acc = train_one_epoch(step_model, loader, optimizer, scheduler, scaler, criterion,
                                                     cfg, epoch, args.log_every, log)
@@ -785,7 +778,7 @@ def run(args, log_file, interrupts):
         f"{final['elapsed_s'] / 60:.1f} min in all")
     labels = splits[split][1]
     preds = preds.numpy()
-    confusion = save_pictures(out, history, splits[split][0], labels, preds, split, first_flip_only_epoch)
+    confusion = save_pictures(out, history, splits[split][0], labels, preds, split)
     log("Per-class accuracy: " + ", ".join(f"{c} {100 * confusion[i, i] / confusion[i].sum():.1f}%"
                                            for i, c in enumerate(CLASSES)))
     log(f"run folder: {out} (train.log, metrics.csv, best.pt, last.pt, curves.png, confusion.png, misclassified.png)")

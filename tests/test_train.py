@@ -70,26 +70,6 @@ def test_non_finite_loss_names_epoch_and_batch(image_folder):
                             criterion, CPU, 2, 100, print)
 
 
-def test_aug_off_trains_the_final_share_of_epochs_with_the_flip_only(image_folder, tmp_path, monkeypatch):
-    probabilities = []  # per training epoch: {transform name: p}
-    make_loader = exp.make_loader
-
-    def spy(dataset, batch_size, train, *rest):
-        if train:
-            probabilities.append({type(t).__name__: t.p for t in dataset.transform.transforms})
-        return make_loader(dataset, batch_size, train, *rest)
-    monkeypatch.setattr(exp, "make_loader", spy)
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        exp.main(["--data-dir", str(image_folder), "--epochs", "4", "--aug-off", "0.5", "--batch-size", "20",
-                  "--out", str(tmp_path / "run")])
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-    augmented = [(p["HorizontalFlip"], p["Affine"], p["CoarseDropout"]) for p in probabilities]
-    assert augmented == [(0.5, 0.5, 0.25)] * 2 + [(0.5, 0.0, 0.0)] * 2
-
-
 def test_checkpoint_round_trips(tmp_path):
     torch.manual_seed(0)
     model = exp.Net()
