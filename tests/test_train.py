@@ -70,6 +70,41 @@ def test_non_finite_loss_names_epoch_and_batch(image_folder):
                             criterion, CPU, 2, 100, print)
 
 
+def test_update_ema_moves_every_weight_and_statistic_a_fraction_toward_the_current_ones():
+    torch.manual_seed(0)
+    average, current = exp.Net(), exp.Net()
+    current(torch.randn(8, 3, 32, 32))  # running statistics and num_batches_tracked move off their defaults
+    before = {k: v.clone() for k, v in average.state_dict().items()}
+    exp.update_ema(average, current, 0.9, step=1000)
+    for k, v in average.state_dict().items():
+        expected = current.state_dict()[k] if not v.is_floating_point() else 0.9 * before[k] + 0.1 * current.state_dict()[k]
+        torch.testing.assert_close(v, expected, msg=k)
+    exp.update_ema(average, current, 0.9, step=0)  # the first step: decay (1 + 0) / (10 + 0) = 0.1
+    w = average.state_dict()["fc.weight"]
+    torch.testing.assert_close(w, 0.1 * (0.9 * before["fc.weight"] + 0.1 * current.fc.weight) + 0.9 * current.fc.weight)
+
+
+@pytest.mark.parametrize("ema", ["0.999", "0"])
+def test_the_ema_is_what_is_evaluated_saved_and_reloaded(image_folder, tmp_path, ema):
+    out = tmp_path / "run"
+    r = script("--data-dir", image_folder, "--epochs", 2, "--batch-size", 20, "--ema", ema, "--out", out)
+    assert r.returncode == 0, r.stderr
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert ("ema" in state) == (ema != "0")
+    if "ema" in state:
+        assert not torch.equal(state["ema"]["fc.weight"], state["model"]["fc.weight"])
+    model = exp.Net().to(memory_format=torch.channels_last)
+    model.load_state_dict(state.get("ema", state["model"]))
+    splits, _, _ = exp.load_cifar10(image_folder)
+    loader = exp.make_loader(exp.AugmentedCIFAR10(*splits["test"], exp.test_transform()), 1000, False, 0, 0, CPU[0])
+    as_the_script_ran = (CPU[0], exp.resolve_precision("auto", CPU[0]), True)
+    _, acc, _ = exp.evaluate(model, loader, as_the_script_ran)
+    logged = EPOCH_LINE.findall(r.stdout)[-1][2]
+    assert f"{acc:.2f}" == logged
+    ev = script("--evaluate", out / "last.pt", "--data-dir", image_folder)
+    assert f"Test Accuracy: {logged}%" in ev.stdout
+
+
 def test_checkpoint_round_trips(tmp_path):
     torch.manual_seed(0)
     model = exp.Net()
