@@ -2,6 +2,8 @@
 import csv
 import re
 
+import pytest
+
 from conftest import ROOT, exp
 
 RESULTS = ROOT / "results"
@@ -29,11 +31,17 @@ def test_pictures_are_published():
         assert (RESULTS / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_committed_log_ran_the_current_defaults():
-    # a change to a default changes what the README's command computes: the headline must then be re-run
-    config = re.search(r"^config: (.*)$", (RESULTS / "train.log").read_text(), re.M).group(1)
+@pytest.mark.parametrize("folder", ["."] + sorted(p.parent.name for p in RESULTS.glob("seed[0-9]*/train.log")))
+def test_the_committed_logs_ran_the_current_defaults(folder):
+    # a change to a default changes what the README's command computes: the headline must then be re-run;
+    # results/seedN/ holds the same command with --seed N
+    log = (RESULTS / folder / "train.log").read_text()
+    config = re.search(r"^config: (.*)$", log, re.M).group(1)
     logged = dict(item.split("=", 1) for item in config.split(", "))
-    defaults = vars(exp.build_parser().parse_args(["--data-dir", "../shared/cifar10-jpeg"]))
+    seed = ["--seed", folder[len("seed"):]] if folder != "." else []
+    defaults = vars(exp.build_parser().parse_args(["--data-dir", "../shared/cifar10-jpeg"] + seed))
     differ = {k: (logged.get(k), str(v)) for k, v in defaults.items()
               if k not in ("out", "workers") and logged.get(k) != str(v)}
-    assert not differ, f"results/train.log ran other settings than the defaults (logged, default): {differ}"
+    assert not differ, f"results/{folder}/train.log ran other settings than the defaults (logged, default): {differ}"
+    final = re.search(r"^Done: final test accuracy (\d+\.\d\d)%", log, re.M).group(1)
+    assert re.search(rf"\| (\*\*)?{final}%(\*\*)? \|", (ROOT / "README.md").read_text()), "README's table lacks it"
