@@ -10,8 +10,9 @@ import albumentations as A
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import experiment2_cifar_cnn as exp
 
-changes = dict(arg.split("=") for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-"))
-flags = [arg for arg in sys.argv[1:] if not ("=" in arg and not arg.startswith("-"))]
+n_changes = next((i for i, arg in enumerate(sys.argv[1:]) if "=" not in arg), len(sys.argv) - 1)
+changes = {key: float(value) for key, value in (arg.split("=") for arg in sys.argv[1:1 + n_changes])}
+flags = sys.argv[1 + n_changes:]
 original = exp.train_transform
 
 
@@ -20,11 +21,11 @@ def train_transform(*args, **kwargs):
     affine = next(t for t in transform.transforms if isinstance(t, A.Affine))
     # Affine draws its parameters from these ranges on every call
     if "rotate" in changes:
-        affine.rotate = (-float(changes["rotate"]), float(changes["rotate"]))
+        affine.rotate = (-changes["rotate"], changes["rotate"])
     if "scale" in changes:
-        affine.scale = {axis: (1 - float(changes["scale"]), 1 + float(changes["scale"])) for axis in "xy"}
+        affine.scale = {axis: (1 - changes["scale"], 1 + changes["scale"]) for axis in "xy"}
     if "shift" in changes:
-        affine.translate_percent = {axis: (-float(changes["shift"]), float(changes["shift"])) for axis in "xy"}
+        affine.translate_percent = {axis: (-changes["shift"], changes["shift"]) for axis in "xy"}
     return transform
 
 
