@@ -44,6 +44,9 @@ from PIL import Image
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # the often-copied (0.2023, 0.1994, 0.2010) is not the std
+# OneCycle moves the Nesterov momentum against the LR: 0.95 at the start, 0.85 at the peak LR, 0.95 at the end.
+# A constant 0.9 ended 0.5-0.7 points lower on the validation split (README)
+MIN_MOMENTUM, MAX_MOMENTUM = 0.85, 0.95
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
@@ -81,9 +84,9 @@ def build_parser():
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive(int), default=60)
     g.add_argument("--batch-size", type=positive(int), default=64)
-    g.add_argument("--lr", type=positive(float), default=0.1, help="OneCycle peak learning rate")
+    g.add_argument("--lr", type=positive(float), default=0.1, help="OneCycle peak learning rate (the momentum "
+                   f"falls from {MAX_MOMENTUM} to {MIN_MOMENTUM} meanwhile)")
     g.add_argument("--warmup", type=probability, default=0.2, help="share of steps rising to the peak LR")
-    g.add_argument("--momentum", type=probability, default=0.9, help="Nesterov momentum")
     g.add_argument("--weight-decay", type=positive(float, zero_ok=True), default=5e-4, help="on conv/linear weights, not BN or biases")
     g.add_argument("--label-smoothing", type=probability, default=0.1)
     g.add_argument("--ema", type=probability, default=0.999,
@@ -473,7 +476,7 @@ def make_optimizer(model, args):
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
-                           lr=args.lr, momentum=args.momentum, nesterov=True)
+                           lr=args.lr, momentum=MAX_MOMENTUM, nesterov=True)
 
 
 # -----------------------------------------------------------------------------
@@ -747,7 +750,7 @@ def run(args, log_file, interrupts):
     model.to(device, memory_format=memory_format(channels_last))
     optimizer = make_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
-                                                    pct_start=args.warmup)
+                                                    pct_start=args.warmup, base_momentum=MIN_MOMENTUM, max_momentum=MAX_MOMENTUM)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     step_model = torch.compile(model) if args.compile else model

@@ -191,3 +191,12 @@ def test_benchmark_runs_on_synthetic_data_and_prints_its_line(tmp_path):
     last = r.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"benchmark: step=\d+ img/s, epoch=\d+ img/s, hidden=\d+\.\d\d, speedup=\d+\.\dx, "
                         r"roofline=\d+\.\d\d", last), last
+
+
+def test_onecycle_moves_the_momentum_against_the_lr(image_folder, tmp_path):
+    r = script("--data-dir", image_folder, "--epochs", 1, "--batch-size", 20, "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    groups = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    for group in groups:
+        assert (group["base_momentum"], group["max_momentum"]) == (exp.MIN_MOMENTUM, exp.MAX_MOMENTUM) == (0.85, 0.95)
+        assert group["nesterov"] and 0.94 < group["momentum"] <= 0.95  # back up near the top at the end
