@@ -648,7 +648,8 @@ def benchmark(args, device, precision, channels_last, log):
     ema = (Net().to(device, memory_format=memory_format(cfg[2])), args.ema) if args.ema else None  # its cost, as in training
     for seed in (0, 1):
         loader = make_loader(train_set, bs, True, args.workers, seed, device)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=len(loader))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=len(loader),
+                                                    base_momentum=MIN_MOMENTUM, max_momentum=MAX_MOMENTUM)
         start = time.perf_counter()
         train_one_epoch(forward, loader, opt, sched, scaler, nn.CrossEntropyLoss(), cfg, 1, 100, lambda line: None, ema)
         epoch = len(loader) * bs / (time.perf_counter() - start)
