@@ -479,6 +479,11 @@ def make_optimizer(model, args):
                            lr=args.lr, momentum=MAX_MOMENTUM, nesterov=True)
 
 
+def make_scheduler(optimizer, args, total_steps):
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=total_steps, pct_start=args.warmup,
+                                               base_momentum=MIN_MOMENTUM, max_momentum=MAX_MOMENTUM)
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: plain tensors and numbers only, written atomically, loaded with weights_only=True
 
@@ -648,8 +653,7 @@ def benchmark(args, device, precision, channels_last, log):
     ema = (Net().to(device, memory_format=memory_format(cfg[2])), args.ema) if args.ema else None  # its cost, as in training
     for seed in (0, 1):
         loader = make_loader(train_set, bs, True, args.workers, seed, device)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=len(loader),
-                                                    base_momentum=MIN_MOMENTUM, max_momentum=MAX_MOMENTUM)
+        sched = make_scheduler(opt, args, len(loader))
         start = time.perf_counter()
         train_one_epoch(forward, loader, opt, sched, scaler, nn.CrossEntropyLoss(), cfg, 1, 100, lambda line: None, ema)
         epoch = len(loader) * bs / (time.perf_counter() - start)
@@ -750,8 +754,7 @@ def run(args, log_file, interrupts):
 
     model.to(device, memory_format=memory_format(channels_last))
     optimizer = make_optimizer(model, args)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
-                                                    pct_start=args.warmup, base_momentum=MIN_MOMENTUM, max_momentum=MAX_MOMENTUM)
+    scheduler = make_scheduler(optimizer, args, args.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     step_model = torch.compile(model) if args.compile else model
