@@ -59,6 +59,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a flag's help only where X says something (not None or a switch's False)."""
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def positive(kind, zero_ok=False):
     def parse(text):
         try:
@@ -80,21 +88,21 @@ def probability(text):
 
 def build_parser():
     p = OneLineParser(prog="experiment2_cifar_cnn.py", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=HelpFormatter)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive(int), default=60)
-    g.add_argument("--batch-size", type=positive(int), default=64)
+    g.add_argument("--epochs", type=positive(int), default=60, help="passes over the training set")
+    g.add_argument("--batch-size", type=positive(int), default=64, help="images per step")
     g.add_argument("--lr", type=positive(float), default=0.1, help="OneCycle peak learning rate (the momentum "
                    f"falls from {MAX_MOMENTUM} to {MIN_MOMENTUM} meanwhile)")
     g.add_argument("--warmup", type=probability, default=0.2, help="share of steps rising to the peak LR")
     g.add_argument("--weight-decay", type=positive(float, zero_ok=True), default=5e-4, help="on conv/linear weights, not BN or biases")
-    g.add_argument("--label-smoothing", type=probability, default=0.1)
+    g.add_argument("--label-smoothing", type=probability, default=0.1, help="of the cross-entropy targets")
     g.add_argument("--ema", type=probability, default=0.999,
                    help="decay of the moving average of the weights, updated every step, that is evaluated and saved (0: off)")
-    g.add_argument("--flip-p", type=probability, default=0.5)
-    g.add_argument("--affine-p", type=probability, default=0.5)
+    g.add_argument("--flip-p", type=probability, default=0.5, help="probability of a horizontal flip")
+    g.add_argument("--affine-p", type=probability, default=0.5, help="probability of the shift/scale/rotate Affine")
     g.add_argument("--dropout-p", type=probability, default=0.25, help="probability of the 16x16 CoarseDropout hole")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="of the initial weights, the batch order and the augmentations")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, default=Path("data"),
                    help="ImageFolder copy (DIR/train/<class>, DIR/test/<class>) or where torchvision's CIFAR-10 lives / is downloaded")
@@ -103,7 +111,7 @@ def build_parser():
     g.add_argument("--workers", type=int, help="DataLoader worker processes for augmentation (default: 0 on CPU, "
                    "where the step already uses every core and in-process augmentation measured faster; else min(8, cores/2))")
     g = p.add_argument_group("runtime")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto: CUDA, else Apple MPS, else CPU")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA and on CPUs with native bf16, fp16 on older GPUs, else fp32")
     g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="auto: on for CUDA and CPU, off for MPS")

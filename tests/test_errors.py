@@ -27,6 +27,15 @@ def test_nonsense_flags(flag, value, capsys):
     assert flag in err
 
 
+def test_help_shows_each_default_once_and_no_empty_ones():
+    parser = exp.build_parser()
+    text = " ".join(parser.format_help().split())  # undo the line wrapping
+    for action in parser._actions:
+        if action.default is not None and action.default is not False and action.option_strings != ["-h", "--help"]:
+            assert text.count(f"{action.help} (default: {action.default})") == 1, action.dest
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
 def test_negative_workers(tmp_path, capsys):
     assert "--workers" in fails(["--workers", -1, "--data-dir", tmp_path], capsys)
 
