@@ -15,7 +15,7 @@ import experiment2_cifar_cnn as exp
 
 low, _, high = sys.argv[1].partition("-")
 if high:
-    exp.MIN_MOMENTUM, exp.MAX_MOMENTUM = float(low), float(high)  # read by run() and make_optimizer at call time
+    exp.MIN_MOMENTUM, exp.MAX_MOMENTUM = float(low), float(high)  # read by make_optimizer and make_scheduler at call time
 else:
     exp.MAX_MOMENTUM = float(low)  # what make_optimizer gives SGD, and with no cycle it stays
     torch.optim.lr_scheduler.OneCycleLR = functools.partial(torch.optim.lr_scheduler.OneCycleLR, cycle_momentum=False)
