@@ -122,6 +122,8 @@ def build_parser():
     g = p.add_argument_group("modes")
     g.add_argument("--resume", type=Path, metavar="CKPT", help="continue the run saved in CKPT (its settings are used)")
     g.add_argument("--evaluate", type=Path, metavar="CKPT", help="only evaluate CKPT on the test set")
+    g.add_argument("--tta", action="store_true", help="with --evaluate: also report the accuracy with each test image's "
+                   "mirror image averaged in (2 views; every other figure is single view)")
     g.add_argument("--summary", action="store_true", help="print the layer table and exit")
     g.add_argument("--benchmark", action="store_true", help="measure speed on this machine and exit")
     return p
@@ -463,8 +465,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, criterion, cfg,
 
 
 @torch.no_grad()
-def evaluate(model, loader, cfg):
-    """Returns (mean loss, accuracy %, predictions) over the whole loader."""
+def evaluate(model, loader, cfg, flip_average=False):
+    """Returns (mean loss, accuracy %, predictions) over the whole loader; with flip_average, of the mean logits of
+    each image and its mirror image."""
     model.eval()
     device, precision, channels_last = cfg
     loss, preds = 0.0, []
@@ -472,6 +475,8 @@ def evaluate(model, loader, cfg):
         x, y = to_device(x, y, device, channels_last)
         with autocast(device, precision):
             out = model(x)
+            if flip_average:
+                out = (out + model(x.flip(3))) / 2
         loss += F.cross_entropy(out.float(), y, reduction="sum").item()
         preds.append(out.argmax(1).cpu())
     preds = torch.cat(preds)
@@ -716,6 +721,8 @@ def run(args, log_file, interrupts):
         args.data_dir, args.out, args.resume, args.overwrite = Path(args.data_dir), args.resume.parent, args.resume, False
         if resume_state["epoch"] >= args.epochs:
             raise UserError(f"{args.resume} is from the last epoch ({args.epochs}): nothing to resume; see --evaluate")
+    if args.tta and not args.evaluate:
+        raise UserError("--tta applies to --evaluate CKPT only (training runs report single-view accuracy)")
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
 
@@ -736,8 +743,13 @@ def run(args, log_file, interrupts):
         splits, source, _ = load_cifar10(args.data_dir, args.limit)
         model.to(device, memory_format=memory_format(channels_last))
         test_set = AugmentedCIFAR10(*splits["test"], test_transform())
-        loss, acc, preds = evaluate(model, make_loader(test_set, 1000, False, args.workers, 0, device), cfg)
+        test_loader = make_loader(test_set, 1000, False, args.workers, 0, device)
+        loss, acc, _ = evaluate(model, test_loader, cfg)
         log(f"{args.evaluate} on {source} test: Test Loss: {loss:.4f}, Test Accuracy: {acc:.2f}%")
+        if args.tta:
+            loss, acc, _ = evaluate(model, test_loader, cfg, flip_average=True)
+            log(f"{args.evaluate} on {source} test, each image averaged with its mirror: "
+                f"Test Loss: {loss:.4f}, Test Accuracy: {acc:.2f}%")
         return
 
     splits, source, notes = load_cifar10(args.data_dir, args.limit, args.val)

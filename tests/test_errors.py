@@ -36,6 +36,10 @@ def test_help_shows_each_default_once_and_no_empty_ones():
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
+def test_tta_outside_evaluate(tmp_path, capsys):
+    assert "--tta" in fails(["--tta", "--data-dir", tmp_path], capsys)
+
+
 def test_negative_workers(tmp_path, capsys):
     assert "--workers" in fails(["--workers", -1, "--data-dir", tmp_path], capsys)
 

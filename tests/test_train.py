@@ -101,8 +101,27 @@ def test_the_ema_is_what_is_evaluated_saved_and_reloaded(image_folder, tmp_path,
     _, acc, _ = exp.evaluate(model, loader, as_the_script_ran)
     logged = EPOCH_LINE.findall(r.stdout)[-1][2]
     assert f"{acc:.2f}" == logged
-    ev = script("--evaluate", out / "last.pt", "--data-dir", image_folder)
-    assert f"Test Accuracy: {logged}%" in ev.stdout
+    ev = script("--evaluate", out / "last.pt", "--data-dir", image_folder, "--tta")
+    single, mirrored = ev.stdout.splitlines()
+    assert single.endswith(f"Test Accuracy: {logged}%")
+    _, flip_acc, _ = exp.evaluate(model, loader, as_the_script_ran, flip_average=True)
+    assert "averaged with its mirror" in mirrored and mirrored.endswith(f"Test Accuracy: {flip_acc:.2f}%")
+
+
+def test_flip_average_is_the_mean_of_the_logits_of_each_image_and_its_horizontal_mirror(image_folder):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))  # every pixel has its own weights: not mirror-blind
+    images, labels = exp.load_cifar10(image_folder)[0]["test"]
+    loader = exp.make_loader(exp.AugmentedCIFAR10(images, labels, exp.test_transform()), 7, False, 0, 0, CPU[0])
+    loss, _, preds = exp.evaluate(model, loader, CPU, flip_average=True)
+
+    def logits(uint8_images):
+        return model(torch.stack([exp.test_transform()(image=im)["image"] for im in uint8_images]))
+    with torch.no_grad():
+        mean = (logits(images) + logits(images[:, :, ::-1].copy())) / 2  # NHWC: axis 2 is left-right
+    assert torch.equal(preds, mean.argmax(1))
+    assert loss == pytest.approx(nn.functional.cross_entropy(mean, torch.as_tensor(labels)).item(), rel=1e-5)
+    assert not torch.equal(preds, exp.evaluate(model, loader, CPU)[2])  # the mirror changed some predictions
 
 
 def test_checkpoint_round_trips(tmp_path):
