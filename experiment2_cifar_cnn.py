@@ -703,6 +703,8 @@ def run(args, log_file, interrupts):
             log_file[0].write(line + "\n")
             log_file[0].flush()
 
+    if args.tta and not args.evaluate:
+        raise UserError("--tta applies to --evaluate CKPT only (training runs report single-view accuracy)")
     if args.summary:
         model = Net()
         print(summary_text(model))
@@ -721,8 +723,6 @@ def run(args, log_file, interrupts):
         args.data_dir, args.out, args.resume, args.overwrite = Path(args.data_dir), args.resume.parent, args.resume, False
         if resume_state["epoch"] >= args.epochs:
             raise UserError(f"{args.resume} is from the last epoch ({args.epochs}): nothing to resume; see --evaluate")
-    if args.tta and not args.evaluate:
-        raise UserError("--tta applies to --evaluate CKPT only (training runs report single-view accuracy)")
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
 
