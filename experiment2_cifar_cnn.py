@@ -744,12 +744,10 @@ def run(args, log_file, interrupts):
         model.to(device, memory_format=memory_format(channels_last))
         test_set = AugmentedCIFAR10(*splits["test"], test_transform())
         test_loader = make_loader(test_set, 1000, False, args.workers, 0, device)
-        loss, acc, _ = evaluate(model, test_loader, cfg)
-        log(f"{args.evaluate} on {source} test: Test Loss: {loss:.4f}, Test Accuracy: {acc:.2f}%")
-        if args.tta:
-            loss, acc, _ = evaluate(model, test_loader, cfg, flip_average=True)
-            log(f"{args.evaluate} on {source} test, each image averaged with its mirror: "
-                f"Test Loss: {loss:.4f}, Test Accuracy: {acc:.2f}%")
+        for flip_average in (False, True)[:1 + args.tta]:
+            loss, acc, _ = evaluate(model, test_loader, cfg, flip_average)
+            views = ", each image averaged with its mirror" if flip_average else ""
+            log(f"{args.evaluate} on {source} test{views}: Test Loss: {loss:.4f}, Test Accuracy: {acc:.2f}%")
         return
 
     splits, source, notes = load_cifar10(args.data_dir, args.limit, args.val)
