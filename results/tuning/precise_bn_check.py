@@ -8,30 +8,40 @@ import sys
 from pathlib import Path
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import experiment2_cifar_cnn as E
+import experiment2_cifar_cnn as exp
+
 torch.set_num_threads(2)
-splits, _, _ = E.load_cifar10('../shared/cifar10-jpeg', val=5000)
-dev = torch.device('cpu'); cfg = (dev, 'bf16', True)
-val = E.AugmentedCIFAR10(*splits['val'], E.test_transform())
-vl = E.make_loader(val, 1000, False, 0, 0, dev)
-def recompute(model, tf, n_batches=200, bs=128):
-    ds = E.AugmentedCIFAR10(*splits['train'], tf)
-    ld = E.make_loader(ds, bs, True, 0, 123, dev)
+splits, _, _ = exp.load_cifar10("../shared/cifar10-jpeg", val=5000)
+cpu = torch.device("cpu")
+cfg = (cpu, "bf16", True)  # as the validation runs evaluated
+val_loader = exp.make_loader(exp.AugmentedCIFAR10(*splits["val"], exp.test_transform()), 1000, False, 0, 0, cpu)
+
+
+def reestimate_bn(model, transform, batches=200, batch_size=128):
+    loader = exp.make_loader(exp.AugmentedCIFAR10(*splits["train"], transform), batch_size, True, 0, 123, cpu)
     for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d): m.reset_running_stats(); m.momentum = None
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches seen
     model.train()
     with torch.no_grad():
-        for i, (x, y) in enumerate(ld):
-            if i == n_batches: break
-            x, _ = E.to_device(x, y, dev, True)
-            with E.autocast(dev, 'bf16'): model(x)
+        for i, (x, y) in enumerate(loader):
+            if i == batches:
+                break
+            with exp.autocast(cpu, "bf16"):
+                model(exp.to_device(x, y, cpu, True)[0])
+
+
 for run in sys.argv[1:]:
-    s = torch.load(f'{run}/last.pt', weights_only=True)
-    res = {}
-    for key in ('model', 'ema'):
-        m = E.Net(); m.load_state_dict(s[key]); m.to(memory_format=torch.channels_last)
-        res[key] = E.evaluate(m, vl, cfg)[1]
-        for name, tf in (('clean', E.test_transform()), ('aug', E.train_transform())):
-            m2 = copy.deepcopy(m); recompute(m2, tf)
-            res[f'{key}+bn-{name}'] = E.evaluate(m2, vl, cfg)[1]
-    print(run, {k: round(v, 2) for k, v in res.items()}, flush=True)
+    state = torch.load(f"{run}/last.pt", weights_only=True)
+    result = {}
+    for key in ("model", "ema"):
+        model = exp.Net()
+        model.load_state_dict(state[key])
+        model.to(memory_format=torch.channels_last)
+        result[key] = exp.evaluate(model, val_loader, cfg)[1]
+        for name, transform in (("clean", exp.test_transform()), ("aug", exp.train_transform())):
+            reestimated = copy.deepcopy(model)
+            reestimate_bn(reestimated, transform)
+            result[f"{key}+bn-{name}"] = exp.evaluate(reestimated, val_loader, cfg)[1]
+    print(run, {k: round(v, 2) for k, v in result.items()}, flush=True)
