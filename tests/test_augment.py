@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from conftest import exp
 
@@ -20,19 +21,33 @@ def test_cifar10_statistics_are_the_true_ones():
     assert exp.CIFAR10_MEAN == (0.4914, 0.4822, 0.4465)
 
 
-def test_test_transform_normalises_only(image):
-    out = exp.test_transform()(image=image)["image"].numpy()
-    assert out.shape == (3, 32, 32)
+def augmented(transform, image):
+    """The training pipeline for one image: augment (uint8), then normalise as the step does."""
+    out = transform(image=image)["image"]
+    assert out.dtype == np.uint8 and out.shape == (32, 32, 3)
+    return exp.normalize(exp.as_tensors(out[None], [0])[0])[0].numpy()
+
+
+def test_evaluation_normalises_only(image):
+    out = exp.normalize(exp.as_tensors(image[None], [0])[0])[0].numpy()
+    assert out.shape == (3, 32, 32) and out.dtype == np.float32
     np.testing.assert_allclose(out, normalised(image), atol=1e-5)
 
 
-def test_all_probabilities_zero_is_the_test_transform(image):
-    out = exp.train_transform(0, 0, 0)(image=image)["image"].numpy()
-    np.testing.assert_allclose(out, normalised(image), atol=1e-5)
+def test_batch_normalisation_is_albumentations_normalize_to_the_last_bit():
+    images = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    per_image = [torch.from_numpy(exp.A.Normalize(mean=exp.CIFAR10_MEAN, std=exp.CIFAR10_STD)(
+        image=im)["image"].transpose(2, 0, 1)) for im in images]
+    assert torch.equal(exp.normalize(exp.as_tensors(images, [0] * 4)[0]), torch.stack(per_image))
+
+
+def test_all_probabilities_zero_is_the_evaluation_input(image):
+    np.testing.assert_allclose(augmented(exp.train_transform(0, 0, 0), image), normalised(image),
+                               atol=1e-5)
 
 
 def test_flip_mirrors(image):
-    out = exp.train_transform(flip_p=1, affine_p=0, dropout_p=0)(image=image)["image"].numpy()
+    out = augmented(exp.train_transform(flip_p=1, affine_p=0, dropout_p=0), image)
     np.testing.assert_allclose(out, normalised(image[:, ::-1]), atol=1e-5)
 
 
@@ -40,7 +55,7 @@ def test_one_16x16_hole_filled_with_the_mean_colour(image):
     t = exp.train_transform(flip_p=0, affine_p=0, dropout_p=1)
     for seed in range(10):
         t.set_random_seed(seed)
-        out = t(image=image)["image"].numpy()
+        out = augmented(t, image)
         changed = np.abs(out - normalised(image)).max(0) > 1e-5
         rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
         assert len(rows) == 16 and len(cols) == 16 and np.ptp(rows) == 15 and np.ptp(cols) == 15
@@ -51,7 +66,7 @@ def test_one_16x16_hole_filled_with_the_mean_colour(image):
 
 def test_affine_moves_pixels(image):
     t = exp.train_transform(flip_p=0, affine_p=1, dropout_p=0)
-    outs = [t(image=image)["image"].numpy() for _ in range(5)]
+    outs = [augmented(t, image) for _ in range(5)]
     assert all(np.abs(o - normalised(image)).mean() > 0.1 for o in outs)
     assert np.abs(outs[0] - outs[1]).mean() > 0.1  # a new draw each call
 

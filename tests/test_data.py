@@ -94,12 +94,14 @@ def test_val_split_holds_out_the_last_images_of_each_class(image_folder):
     np.testing.assert_array_equal(splits["train"][0][:15], full["train"][0][:15])  # airplane 0..14 stay in train
 
 
-def test_dataset_and_loader_give_normalised_batches(image_folder):
+def test_dataset_and_loader_give_uint8_batches_that_the_step_normalises(image_folder):
     splits, _, _ = exp.load_cifar10(image_folder)
-    ds = exp.AugmentedCIFAR10(*splits["train"], exp.train_transform())
+    ds = exp.AugmentedBatches(*splits["train"], exp.train_transform())
     import torch
-    x, y = next(iter(exp.make_loader(ds, 16, True, 0, 0, torch.device("cpu"))))
-    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    x, y = next(iter(exp.TrainLoader(ds, 16, 0, 0, torch.device("cpu")).epoch(1)))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    x, y = exp.Runtime(torch.device("cpu"), "fp32", True).prepare(x, y)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_loader_with_workers_is_seeded_and_each_worker_augments_differently(image_folder):
@@ -107,10 +109,10 @@ def test_loader_with_workers_is_seeded_and_each_worker_augments_differently(imag
     splits, _, _ = exp.load_cifar10(image_folder)
     x, y = splits["train"]
     same = np.repeat(x[:1], 64, axis=0)  # one image 64 times: only augmentation makes items differ
-    ds = exp.AugmentedCIFAR10(same, y[:64], exp.train_transform())
+    ds = exp.AugmentedBatches(same, y[:64], exp.train_transform())
 
     def batches(seed):
-        return [b[0] for b in exp.make_loader(ds, 8, False, 2, seed, torch.device("cpu"))]
+        return [b[0] for b in exp.TrainLoader(ds, 8, seed, 2, torch.device("cpu")).epoch(1)]
     a, b = batches(1), batches(1)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
     assert not torch.equal(a[0], a[1])  # batches 0 and 1 come from different workers

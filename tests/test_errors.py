@@ -121,12 +121,18 @@ def test_corrupt_image_names_the_file(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_existing_run_folder_is_not_overwritten(image_folder, tmp_path, capsys):
+EPOCH_LOG = "Epoch 1/60, Train Loss: 2.0, Train Accuracy: 20.00%, Test Loss: 2.0, Test Accuracy: 30.00%\n"
+
+
+@pytest.mark.parametrize("files", [{"train.log": EPOCH_LOG, "last.pt": "x"}, {"metrics.csv": "epoch\n1\n"}])
+def test_existing_run_folder_is_not_overwritten(image_folder, tmp_path, capsys, files):
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "train.log").write_text("precious")
+    for name, text in files.items():
+        (tmp_path / "run" / name).write_text(text)
     err = fails(["--data-dir", image_folder, "--out", tmp_path / "run"], capsys)
-    assert "--resume" in err and "--overwrite" in err
-    assert (tmp_path / "run" / "train.log").read_text() == "precious"
+    assert "--overwrite" in err
+    assert ("--resume" in err) == ("last.pt" in files)  # never a resume hint for a file that is not there
+    assert {f.name: f.read_text() for f in (tmp_path / "run").iterdir()} == files
 
 
 @pytest.mark.parametrize("mode", ["--resume", "--evaluate"])
@@ -170,10 +176,10 @@ def test_exploding_loss_stops_with_a_clear_message(image_folder, tmp_path, capsy
 def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys, monkeypatch):
     real = exp.train_one_epoch
 
-    def nan_in_epoch_2(*args):
-        if args[7] == 2:
+    def nan_in_epoch_2(training, loader, runtime, epoch, log, log_every):
+        if epoch == 2:
             raise exp.NonFiniteLoss("loss became nan at epoch 2, batch 5")
-        return real(*args)
+        return real(training, loader, runtime, epoch, log, log_every)
     monkeypatch.setattr(exp, "train_one_epoch", nan_in_epoch_2)
     run = tmp_path / "run"
     err = fails(["--data-dir", image_folder, "--out", run, "--epochs", 3, "--batch-size", 20, "--workers", 0], capsys)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from conftest import JPEG_COPY, ROOT, exp, needs_jpeg_copy
 
 SCRIPT = str(ROOT / "experiment2_cifar_cnn.py")
-CPU = (torch.device("cpu"), "fp32", False)
+CPU = exp.Runtime(torch.device("cpu"), "fp32", False)
 BATCH_LINE = re.compile(r"^Epoch (\d+), Batch (\d+): Train Loss: \d+\.\d{4}, Train Accuracy: \d+\.\d{2}%$", re.M)
 EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+), Train Loss: \d+\.\d{4}, Train Accuracy: \d+\.\d{2}%, "
                         r"Test Loss: \d+\.\d{4}, Test Accuracy: (\d+\.\d{2})%$", re.M)
@@ -42,15 +42,20 @@ def test_a_few_hundred_steps_lower_the_loss():
     assert losses[0] > 2.0 and losses[-1] < 0.1 * losses[0]
 
 
+def training_objects(model, opt, sched, criterion):
+    return exp.Training(model, model, opt, sched, torch.amp.GradScaler("cpu", enabled=False), criterion,
+                        ema=None)
+
+
 def test_train_one_epoch_returns_epoch_averages_and_logs_every_n_batches(image_folder):
     splits, _, _ = exp.load_cifar10(image_folder)
     model, lines = exp.Net(), []
-    ds = exp.AugmentedCIFAR10(*splits["train"], exp.train_transform())
-    loader = exp.make_loader(ds, 20, True, 0, 0, CPU[0])
+    ds = exp.AugmentedBatches(*splits["train"], exp.train_transform())
+    loader = exp.TrainLoader(ds, 20, 0, 0, CPU.device)
     opt = exp.make_optimizer(model, exp.build_parser().parse_args([]))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, total_steps=len(loader))
-    loss, acc = exp.train_one_epoch(model, loader, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
-                                    nn.CrossEntropyLoss(), CPU, 3, 4, lines.append)
+    training = training_objects(model, opt, sched, nn.CrossEntropyLoss())
+    loss, acc = exp.train_one_epoch(training, loader.epoch(3), CPU, 3, lines.append, 4)
     assert len(lines) == 2 and all(BATCH_LINE.match(line) for line in lines)
     assert [BATCH_LINE.match(line).groups() for line in lines] == [("3", "4"), ("3", "8")]
     assert 0 < loss < 5 and 0 <= acc <= 100
@@ -59,27 +64,34 @@ def test_train_one_epoch_returns_epoch_averages_and_logs_every_n_batches(image_f
 def test_non_finite_loss_names_epoch_and_batch(image_folder):
     splits, _, _ = exp.load_cifar10(image_folder)
     model = exp.Net()
-    ds = exp.AugmentedCIFAR10(*splits["train"], exp.train_transform())
-    loader = exp.make_loader(ds, 20, True, 0, 0, CPU[0])
+    ds = exp.AugmentedBatches(*splits["train"], exp.train_transform())
+    loader = exp.TrainLoader(ds, 20, 0, 0, CPU.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     nan_on_batch_3 = iter([1.0, 1.0, float("nan")] + [1.0] * 10)
-    criterion = lambda out, y: nn.functional.cross_entropy(out, y) * next(nan_on_batch_3)  # noqa: E731
+
+    def criterion(out, y):
+        return nn.functional.cross_entropy(out, y) * next(nan_on_batch_3)
     with pytest.raises(exp.NonFiniteLoss, match="epoch 2, batch 3"):
-        exp.train_one_epoch(model, loader, opt, sched, torch.amp.GradScaler("cpu", enabled=False),
-                            criterion, CPU, 2, 100, print)
+        exp.train_one_epoch(training_objects(model, opt, sched, criterion), loader.epoch(2), CPU, 2,
+                            print, 100)
 
 
-def test_update_ema_moves_every_weight_and_statistic_a_fraction_toward_the_current_ones():
+def test_ema_update_moves_every_weight_and_statistic_a_fraction_toward_the_current_ones():
     torch.manual_seed(0)
-    average, current = exp.Net(), exp.Net()
+    current = exp.Net()
+    ema = exp.EMA(current, 0.9)
+    average = ema.model
+    with torch.no_grad():  # the EMA starts as a copy: make the two differ
+        for p in average.parameters():
+            p.copy_(torch.randn_like(p))
     current(torch.randn(8, 3, 32, 32))  # running statistics and num_batches_tracked move off their defaults
     before = {k: v.clone() for k, v in average.state_dict().items()}
-    exp.update_ema(average, current, 0.9, step=1000)
+    ema.update(step=1000)
     for k, v in average.state_dict().items():
         expected = current.state_dict()[k] if not v.is_floating_point() else 0.9 * before[k] + 0.1 * current.state_dict()[k]
         torch.testing.assert_close(v, expected, msg=k)
-    exp.update_ema(average, current, 0.9, step=0)  # the first step: decay (1 + 0) / (10 + 0) = 0.1
+    ema.update(step=0)  # the first step: decay (1 + 0) / (10 + 0) = 0.1
     w = average.state_dict()["fc.weight"]
     torch.testing.assert_close(w, 0.1 * (0.9 * before["fc.weight"] + 0.1 * current.fc.weight) + 0.9 * current.fc.weight)
 
@@ -96,15 +108,15 @@ def test_the_ema_is_what_is_evaluated_saved_and_reloaded(image_folder, tmp_path,
     model = exp.Net().to(memory_format=torch.channels_last)
     model.load_state_dict(state.get("ema", state["model"]))
     splits, _, _ = exp.load_cifar10(image_folder)
-    loader = exp.make_loader(exp.AugmentedCIFAR10(*splits["test"], exp.test_transform()), 1000, False, 0, 0, CPU[0])
-    as_the_script_ran = (CPU[0], exp.resolve_precision("auto", CPU[0]), True)
-    _, acc, _ = exp.evaluate(model, loader, as_the_script_ran)
+    test = exp.as_tensors(*splits["test"])
+    as_the_script_ran = exp.Runtime(CPU.device, exp.resolve_precision("auto", CPU.device), True)
+    _, acc, _ = exp.evaluate(model, *test, as_the_script_ran)
     logged = EPOCH_LINE.findall(r.stdout)[-1][2]
     assert f"{acc:.2f}" == logged
     ev = script("--evaluate", out / "last.pt", "--data-dir", image_folder, "--tta")
     single, mirrored = ev.stdout.splitlines()
     assert single.endswith(f"Test Accuracy: {logged}%")
-    _, flip_acc, _ = exp.evaluate(model, loader, as_the_script_ran, flip_average=True)
+    _, flip_acc, _ = exp.evaluate(model, *test, as_the_script_ran, flip_average=True)
     assert "averaged with its mirror" in mirrored and mirrored.endswith(f"Test Accuracy: {flip_acc:.2f}%")
 
 
@@ -112,16 +124,17 @@ def test_flip_average_is_the_mean_of_the_logits_of_each_image_and_its_horizontal
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))  # every pixel has its own weights: not mirror-blind
     images, labels = exp.load_cifar10(image_folder)[0]["test"]
-    loader = exp.make_loader(exp.AugmentedCIFAR10(images, labels, exp.test_transform()), 7, False, 0, 0, CPU[0])
-    loss, _, preds = exp.evaluate(model, loader, CPU, flip_average=True)
+    loss, _, preds = exp.evaluate(model, *exp.as_tensors(images, labels), CPU, flip_average=True)
 
     def logits(uint8_images):
-        return model(torch.stack([exp.test_transform()(image=im)["image"] for im in uint8_images]))
+        return model(torch.stack([exp.normalize(torch.from_numpy(im.transpose(2, 0, 1).copy())[None])[0]
+                                  for im in uint8_images]))
     with torch.no_grad():
         mean = (logits(images) + logits(images[:, :, ::-1].copy())) / 2  # NHWC: axis 2 is left-right
     assert torch.equal(preds, mean.argmax(1))
     assert loss == pytest.approx(nn.functional.cross_entropy(mean, torch.as_tensor(labels)).item(), rel=1e-5)
-    assert not torch.equal(preds, exp.evaluate(model, loader, CPU)[2])  # the mirror changed some predictions
+    assert not torch.equal(preds, exp.evaluate(model, *exp.as_tensors(images, labels), CPU)[2])  # the mirror
+    # changed some predictions
 
 
 def test_checkpoint_round_trips(tmp_path):
