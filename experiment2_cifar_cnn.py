@@ -84,6 +84,12 @@ def build_parser():
                    help="probability of the 16x16 CoarseDropout hole")
     g.add_argument("--seed", type=seed_value, default=0,
                    help="of the initial weights, the batch order and the augmentations")
+    add_run_flags(p)
+    return p
+
+
+def add_run_flags(p):
+    """The flags that say where the data is, where and how the run runs, and in which mode."""
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, default=Path("data"),
                    help="ImageFolder copy (DIR/train/<class>, DIR/test/<class>) or where "
@@ -126,7 +132,6 @@ def build_parser():
     modes.add_argument("--summary", action="store_true", help="print the layer table and exit")
     modes.add_argument("--benchmark", action="store_true",
                        help="measure speed on this machine and exit")
-    return p
 
 
 # -----------------------------------------------------------------------------
@@ -398,6 +403,12 @@ class TrainLoader:
 
     def __init__(self, dataset, batch_size, seed, workers, device):
         self.batches = EpochBatches(len(dataset), batch_size, seed, in_process=workers == 0)
+        if workers:
+            # each worker augments on one thread: OpenCV's pool of a thread per core, in each of
+            # many workers, fights for the cores. Set before they start: forked workers inherit
+            # it (reconfiguring OpenCV after a fork can hang), spawned ones read the variable
+            cv2.setNumThreads(1)
+            os.environ["OPENCV_FOR_THREADS_NUM"] = "1"
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, sampler=self.batches, num_workers=workers,
             worker_init_fn=start_worker if workers else None, persistent_workers=workers > 0,
@@ -420,14 +431,12 @@ class TrainLoader:
 
 
 def start_worker(worker_id):
-    """Worker processes leave Ctrl-C and SIGTERM to the training process (a terminal, docker stop
-    or Slurm signal every process of the job), and augment on one thread: OpenCV's thread pool
-    in each of many workers would fight for the cores."""
+    """Worker processes leave Ctrl-C and SIGTERM to the training process: a terminal, docker stop
+    or Slurm signal every process of the job."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    cv2.setNumThreads(1)
 
 
 # -----------------------------------------------------------------------------
@@ -752,17 +761,22 @@ def read_checkpoint(path):
     return state
 
 
-def load_checkpoint(path, model, weights="model"):
-    """Loads state[weights] (or state["model"] where it has no such entry) into model; returns
-    the whole state."""
-    state = read_checkpoint(path)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def check_network(state, path):
+    """Refuses a checkpoint whose weights are not those of this network."""
+    expected = {k: tuple(v.shape) for k, v in Net().state_dict().items()}
     for key in ("model", "ema"):
         entry = state.get(key, state["model"])
         found = {k: tuple(getattr(v, "shape", ())) for k, v in entry.items()}
         if found != expected:
             diff = sorted(set(found.items()) ^ set(expected.items()), key=str)[:3]
             raise UserError(f"{path} holds a different network (first differences: {diff})")
+
+
+def load_checkpoint(path, model, weights="model"):
+    """Loads state[weights] (or state["model"] where it has no such entry) into model; returns
+    the whole state."""
+    state = read_checkpoint(path)
+    check_network(state, path)
     try:
         model.load_state_dict(state.get(weights, state["model"]))
     except (RuntimeError, TypeError, ValueError) as e:
@@ -773,6 +787,10 @@ def load_checkpoint(path, model, weights="model"):
 
 def restore_training(training, state, path):
     """Puts a checkpoint's optimizer, schedule, scaler, EMA and RNG back; returns its history."""
+    planned, now = state["scheduler"].get("total_steps"), training.scheduler.total_steps
+    if planned != now:
+        raise UserError(f"{path} is from a run of {planned} steps, but its settings on this data "
+                        f"make {now}: this is not the data it trained on")
     try:
         if training.ema:  # a checkpoint from before the EMA starts it from its weights
             training.ema.model.load_state_dict(state.get("ema", state["model"]))
@@ -781,9 +799,11 @@ def restore_training(training, state, path):
         training.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         history = list(state["history"])
-        if len(history) != state["epoch"] or any(h["epoch"] != e for e, h in
-                                                 enumerate(history, 1)):
-            raise ValueError("its history does not match its epoch")
+        steps_per_epoch = now // state["args"]["epochs"]
+        if (len(history) != state["epoch"] or [h["epoch"] for h in history] != list(
+                range(1, len(history) + 1)) or state["scheduler"]["last_epoch"] != state["epoch"]
+                * steps_per_epoch):
+            raise ValueError("its epoch, history and schedule do not agree")
         return history
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         raise UserError(f"{path} holds a damaged training state ({type(e).__name__}: "
@@ -1094,6 +1114,7 @@ def holds_cifar10(data_dir):
 def resumed_settings(args, given):
     """The run's own settings from the checkpoint, with the flags given anew; the checkpoint."""
     state = read_checkpoint(args.resume)
+    check_network(state, args.resume)
     if not {"optimizer", "scheduler", "scaler", "rng", "epoch", "history", "args"} <= set(state):
         raise UserError(f"{args.resume} holds weights but no training state to resume; "
                         "see --evaluate")
@@ -1328,7 +1349,7 @@ def positive(kind, zero_ok=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (value >= 0 if zero_ok else value > 0):
+        if not math.isfinite(value) or not (value >= 0 if zero_ok else value > 0):
             raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {text}")
         return value
     return parse

@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,7 +14,8 @@ os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 import experiment2_cifar_cnn as exp  # noqa: E402
 
 JPEG_COPY = ROOT.parent / "shared" / "cifar10-jpeg"
-needs_jpeg_copy = pytest.mark.skipif(not (JPEG_COPY / "train").is_dir(), reason=f"{JPEG_COPY} not present")
+needs_jpeg_copy = pytest.mark.skipif(not (JPEG_COPY / "train").is_dir(),
+                                     reason=f"{JPEG_COPY} not present")
 
 
 def make_image_folder(root, per_class=(20, 10), size=32):
@@ -40,3 +42,12 @@ def offline(monkeypatch, tmp_path):
     """torchvision's download pointed at a file that does not exist: no test touches the network."""
     from torchvision.datasets import CIFAR10
     monkeypatch.setattr(CIFAR10, "url", (tmp_path / "nowhere" / "cifar-10-python.tar.gz").as_uri())
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """exp.main installs its own SIGINT/SIGTERM handlers: pytest gets its own back after each."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

@@ -75,7 +75,8 @@ def test_affine_shift_is_drawn_per_axis():
     t = exp.train_transform(flip_p=0, affine_p=1, dropout_p=0)
     affine = next(x for x in t.transforms if type(x).__name__ == "Affine")
     affine.set_random_seed(0)
-    shifts = np.array([[s["x"], s["y"]] for s in (affine._get_translate_params((32, 32)) for _ in range(200))])
+    draws = (affine._get_translate_params((32, 32)) for _ in range(200))
+    shifts = np.array([[s["x"], s["y"]] for s in draws])
     assert np.abs(shifts).max() == 3  # +-10% of 32 px, truncated to whole pixels
     assert (shifts[:, 0] != shifts[:, 1]).mean() > 0.5  # x and y drawn separately
 

@@ -40,7 +40,8 @@ def make_fake_official_archive(folder, n_train=20, n_test=10):
 def local_server(tmp_path):
     """An HTTP server on 127.0.0.1 serving tmp_path/server: the real download code, no network."""
     (tmp_path / "server").mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "server"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(tmp_path / "server"))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -53,23 +54,25 @@ def test_torchvision_source_downloads_extracts_and_loads(tmp_path, monkeypatch, 
     archive, md5, train_images = make_fake_official_archive(tmp_path)
     monkeypatch.setattr(CIFAR10, "url", f"{local_server}/{archive.name}")
     monkeypatch.setattr(CIFAR10, "tgz_md5", md5["archive"])
-    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "train_list",
+                        [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
-    monkeypatch.setattr(CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names", "md5": md5["batches.meta"]})
+    monkeypatch.setattr(CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
+                                          "md5": md5["batches.meta"]})
 
     splits, source, _ = exp.load_cifar10(tmp_path / "data")
     assert source.startswith("torchvision")
     assert (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").is_file()
-    (x, y), (xt, yt) = splits["train"], splits["test"]
+    (x, _), (xt, _) = splits["train"], splits["test"]
     assert x.shape == (100, 32, 32, 3) and x.dtype == np.uint8 and xt.shape == (10, 32, 32, 3)
     np.testing.assert_array_equal(x, train_images)
-    splits, _, _ = exp.load_cifar10(tmp_path / "data", limit=30)  # second time: no download, limited
+    splits, _, _ = exp.load_cifar10(tmp_path / "data", limit=30)  # no download now; limited
     assert np.bincount(splits["train"][1]).tolist() == [3] * 10
 
 
 def test_image_folder_source_gives_official_labels(image_folder):
     splits, source, notes = exp.load_cifar10(image_folder)
-    (x, y), (xt, yt) = splits["train"], splits["test"]
+    (x, y), (xt, _) = splits["train"], splits["test"]
     assert source.startswith("ImageFolder")
     assert x.shape == (200, 32, 32, 3) and xt.shape == (100, 32, 32, 3)
     assert np.bincount(y).tolist() == [20] * 10
@@ -91,7 +94,8 @@ def test_val_split_holds_out_the_last_images_of_each_class(image_folder):
     assert np.bincount(splits["val"][1]).tolist() == [5] * 10
     assert np.bincount(splits["train"][1]).tolist() == [15] * 10
     full, _, _ = exp.load_cifar10(image_folder)
-    np.testing.assert_array_equal(splits["train"][0][:15], full["train"][0][:15])  # airplane 0..14 stay in train
+    # airplane 0..14 stay in train
+    np.testing.assert_array_equal(splits["train"][0][:15], full["train"][0][:15])
 
 
 def test_dataset_and_loader_give_uint8_batches_that_the_step_normalises(image_folder):
@@ -122,7 +126,7 @@ def test_loader_with_workers_is_seeded_and_each_worker_augments_differently(imag
 @needs_jpeg_copy
 def test_jpeg_copy_loads_with_official_labels():
     splits, _, notes = exp.load_cifar10(JPEG_COPY, limit=100)
-    assert splits["train"][0].shape == (100, 32, 32, 3) and splits["test"][0].shape == (100, 32, 32, 3)
+    assert splits["train"][0].shape == splits["test"][0].shape == (100, 32, 32, 3)
     assert np.bincount(splits["train"][1]).tolist() == [10] * 10
     mean = splits["train"][0].reshape(-1, 3).mean(0) / 255
     assert np.allclose(mean, exp.CIFAR10_MEAN, atol=0.05)

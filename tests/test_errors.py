@@ -19,9 +19,10 @@ def fails(args, capsys):
     return err
 
 
-@pytest.mark.parametrize("flag,value", [("--epochs", 0), ("--batch-size", -1), ("--limit", 0), ("--lr", 0),
-                                        ("--lr", "-0.1"), ("--epochs", "ten"), ("--device", "tpu"),
-                                        ("--dropout-p", 1.5), ("--weight-decay", "-0.0001")])
+@pytest.mark.parametrize("flag,value", [("--epochs", 0), ("--batch-size", -1), ("--limit", 0),
+                                        ("--lr", 0), ("--lr", "-0.1"), ("--epochs", "ten"),
+                                        ("--device", "tpu"), ("--dropout-p", 1.5),
+                                        ("--weight-decay", "-0.0001")])
 def test_nonsense_flags(flag, value, capsys):
     err = fails([flag, value], capsys)
     assert flag in err
@@ -31,7 +32,8 @@ def test_help_shows_each_default_once_and_no_empty_ones():
     parser = exp.build_parser()
     text = " ".join(parser.format_help().split())  # undo the line wrapping
     for action in parser._actions:
-        if action.default is not None and action.default is not False and action.option_strings != ["-h", "--help"]:
+        shown = action.default is not None and action.default is not False
+        if shown and action.option_strings != ["-h", "--help"]:
             assert text.count(f"{action.help} (default: {action.default})") == 1, action.dest
     assert "(default: None)" not in text and "(default: False)" not in text
 
@@ -77,7 +79,8 @@ def test_folder_that_is_not_cifar10(tmp_path, capsys):
 @pytest.mark.parametrize("change,expected", [
     (lambda t: os.rename(t / "test" / "frog", t / "test" / ".frog"), "missing: frog"),
     (lambda t: (t / "train" / "unicorn").mkdir(), "unexpected: unicorn"),
-    (lambda t: os.rename(t / "train" / "automobile", t / "train" / "car"), "missing: automobile; unexpected: car"),
+    (lambda t: os.rename(t / "train" / "automobile", t / "train" / "car"),
+     "missing: automobile; unexpected: car"),
 ])
 def test_wrong_class_layout_names_what_is_wrong(tmp_path, capsys, change, expected):
     root = make_image_folder(tmp_path / "tree", per_class=(2, 2))
@@ -121,17 +124,20 @@ def test_corrupt_image_names_the_file(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-EPOCH_LOG = "Epoch 1/60, Train Loss: 2.0, Train Accuracy: 20.00%, Test Loss: 2.0, Test Accuracy: 30.00%\n"
+EPOCH_LOG = ("Epoch 1/60, Train Loss: 2.0, Train Accuracy: 20.00%, Test Loss: 2.0, "
+             "Test Accuracy: 30.00%\n")
 
 
-@pytest.mark.parametrize("files", [{"train.log": EPOCH_LOG, "last.pt": "x"}, {"metrics.csv": "epoch\n1\n"}])
+@pytest.mark.parametrize("files", [{"train.log": EPOCH_LOG, "last.pt": "x"},
+                                   {"metrics.csv": "epoch\n1\n"}])
 def test_existing_run_folder_is_not_overwritten(image_folder, tmp_path, capsys, files):
     (tmp_path / "run").mkdir()
     for name, text in files.items():
         (tmp_path / "run" / name).write_text(text)
     err = fails(["--data-dir", image_folder, "--out", tmp_path / "run"], capsys)
     assert "--overwrite" in err
-    assert ("--resume" in err) == ("last.pt" in files)  # never a resume hint for a file that is not there
+    # never a resume hint for a file that is not there
+    assert ("--resume" in err) == ("last.pt" in files)
     assert {f.name: f.read_text() for f in (tmp_path / "run").iterdir()} == files
 
 
@@ -173,7 +179,8 @@ def test_exploding_loss_stops_with_a_clear_message(image_folder, tmp_path, capsy
     assert "epoch 1, batch" in err and "stopped" in err
 
 
-def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys, monkeypatch):
+def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(image_folder, tmp_path, capsys,
+                                                             monkeypatch):
     real = exp.train_one_epoch
 
     def nan_in_epoch_2(training, loader, runtime, epoch, log, log_every):
@@ -182,7 +189,8 @@ def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(image_folder, tmp_p
         return real(training, loader, runtime, epoch, log, log_every)
     monkeypatch.setattr(exp, "train_one_epoch", nan_in_epoch_2)
     run = tmp_path / "run"
-    err = fails(["--data-dir", image_folder, "--out", run, "--epochs", 3, "--batch-size", 20, "--workers", 0], capsys)
+    err = fails(["--data-dir", image_folder, "--out", run, "--epochs", 3, "--batch-size", 20,
+                 "--workers", 0], capsys)
     assert "epoch 2, batch 5" in err and f"last good checkpoint is {run / 'last.pt'}" in err
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
 
@@ -194,4 +202,5 @@ def test_resume_from_weights_without_training_state(tmp_path, capsys):
 
 def test_loadable_file_that_is_not_this_scripts_checkpoint(tmp_path, capsys):
     torch.save({"weights": [1, 2, 3]}, tmp_path / "other.pt")
-    assert "is not a checkpoint of this script" in fails(["--evaluate", tmp_path / "other.pt"], capsys)
+    err = fails(["--evaluate", tmp_path / "other.pt"], capsys)
+    assert "is not a checkpoint of this script" in err

@@ -4,11 +4,12 @@ import torch
 
 from conftest import ROOT, exp
 
-PER_LAYER = {"conv1 + bn1": 480, "sep_conv1 + bn_sep1": 768, "dil_conv1 + bn_dil1": 9312, "conv2 + bn2": 9312,
-             "sep_conv2 + bn_sep2": 1440, "dil_conv2 + bn_dil2": 9312, "conv3 + bn3": 18624,
-             "dil_conv3 + bn_dil3": 37056, "gap + fc": 650}
-SHAPES = {"conv1 + bn1": (16, 32, 32), "sep_conv1 + bn_sep1": (32, 32, 32), "dil_conv1 + bn_dil1": (32, 32, 32),
-          "conv2 + bn2": (32, 16, 16), "sep_conv2 + bn_sep2": (32, 16, 16), "dil_conv2 + bn_dil2": (32, 16, 16),
+PER_LAYER = {"conv1 + bn1": 480, "sep_conv1 + bn_sep1": 768, "dil_conv1 + bn_dil1": 9312,
+             "conv2 + bn2": 9312, "sep_conv2 + bn_sep2": 1440, "dil_conv2 + bn_dil2": 9312,
+             "conv3 + bn3": 18624, "dil_conv3 + bn_dil3": 37056, "gap + fc": 650}
+SHAPES = {"conv1 + bn1": (16, 32, 32), "sep_conv1 + bn_sep1": (32, 32, 32),
+          "dil_conv1 + bn_dil1": (32, 32, 32), "conv2 + bn2": (32, 16, 16),
+          "sep_conv2 + bn_sep2": (32, 16, 16), "dil_conv2 + bn_dil2": (32, 16, 16),
           "conv3 + bn3": (64, 8, 8), "dil_conv3 + bn_dil3": (64, 8, 8), "gap + fc": (10,)}
 RECEPTIVE = [3, 5, 9, 11, 15, 23, 27, 67]
 
@@ -17,7 +18,8 @@ def test_parameter_counts_total_and_per_layer():
     model = exp.Net()
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 86_954
     assert {name: params for name, _, params, _ in exp.layer_table(model)} == PER_LAYER
-    assert all(conv.bias is not None for conv in model.modules() if isinstance(conv, torch.nn.Conv2d))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(conv.bias is not None for conv in convs)
 
 
 def test_shapes_through_every_block():

@@ -1,4 +1,5 @@
-"""The published figures are the committed run's own: README quotes results/, results/ agrees with itself."""
+"""The published figures are the committed run's own: README quotes results/, results/ agrees
+with itself."""
 import csv
 import re
 
@@ -31,19 +32,25 @@ def test_pictures_are_published():
         assert (RESULTS / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("folder", ["."] + sorted(p.parent.name for p in RESULTS.glob("seed[0-9]*/train.log")))
+SEED_FOLDERS = sorted(p.parent.name for p in RESULTS.glob("seed[0-9]*/train.log"))
+
+
+@pytest.mark.parametrize("folder", ["."] + SEED_FOLDERS)
 def test_the_committed_logs_ran_the_current_defaults(folder):
-    # a change to a default changes what the README's command computes: the headline must then be re-run;
-    # results/seedN/ holds the same command with --seed N
+    # a change to a default changes what the README's command computes: the headline must then be
+    # re-run; results/seedN/ holds the same command with --seed N
     log = (RESULTS / folder / "train.log").read_text()
     config = re.search(r"^config: (.*)$", log, re.M).group(1)
     logged = dict(item.split("=", 1) for item in config.split(", "))
     seed = folder[len("seed"):] if folder != "." else "0"
-    defaults = vars(exp.build_parser().parse_args(["--data-dir", "../shared/cifar10-jpeg", "--seed", seed]))
+    command = ["--data-dir", "../shared/cifar10-jpeg", "--seed", seed]
+    defaults = vars(exp.build_parser().parse_args(command))
     # --out and --workers do not change the numbers; --tta (added later) is read by --evaluate only
     differ = {k: (logged.get(k), str(v)) for k, v in defaults.items()
               if k not in ("out", "workers", "tta") and logged.get(k) != str(v)}
-    assert not differ, f"results/{folder}/train.log ran other settings than the defaults (logged, default): {differ}"
+    assert not differ, (f"results/{folder}/train.log ran other settings than the defaults "
+                        f"(logged, default): {differ}")
     final = re.search(r"^Done: final test accuracy (\d+\.\d\d)%", log, re.M).group(1)
     row = rf"^\| seed {seed} \(.*?\) \| (\*\*)?{re.escape(final)}%(\*\*)? \|"
-    assert re.search(row, (ROOT / "README.md").read_text(), re.M), f"README's row for seed {seed} lacks {final}%"
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(row, readme, re.M), f"README's row for seed {seed} lacks {final}%"
