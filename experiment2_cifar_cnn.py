@@ -10,8 +10,8 @@ dilated convs, global average pooling) trained with Albumentations augmentation
     python experiment2_cifar_cnn.py --summary      # layer table: shapes, params, receptive field
     python experiment2_cifar_cnn.py --benchmark    # speed figures for this machine
 
-Results, each with the log it comes from: README.md.
-Every run writes to its --out folder: train.log, metrics.csv, best.pt, last.pt and pictures.
+Defaults: 84.86% +- 0.28 test accuracy over five seeds on a JPEG copy of CIFAR-10; the runs, their
+logs and the reasons for each default are in README.md.
 """
 import argparse
 import contextlib

@@ -2,6 +2,7 @@
 with itself."""
 import csv
 import re
+import statistics
 
 import pytest
 
@@ -54,3 +55,30 @@ def test_the_committed_logs_ran_the_current_defaults(folder):
     row = rf"^\| seed {seed} \(.*?\) \| (\*\*)?{re.escape(final)}%(\*\*)? \|"
     readme = (ROOT / "README.md").read_text()
     assert re.search(row, readme, re.M), f"README's row for seed {seed} lacks {final}%"
+
+
+def test_the_docstring_headline_is_the_readmes():
+    docstring = re.search(r"(\d+\.\d\d)% \+- (\d\.\d\d) test accuracy over five seeds", exp.__doc__)
+    mean, sd = docstring.groups()
+    assert f"**{mean}% ± {sd}**" in (ROOT / "README.md").read_text().split("## Two commands")[0]
+
+
+def final_accuracy(folder):
+    log = (RESULTS / folder / "train.log").read_text()
+    return float(re.search(r"^Done: final test accuracy (\d+\.\d\d)%", log, re.M).group(1))
+
+
+def test_the_readme_headline_is_the_mean_and_sd_of_the_committed_seed_logs():
+    finals = [final_accuracy(folder) for folder in ["."] + SEED_FOLDERS]
+    assert len(finals) == 5
+    headline = f"**{statistics.mean(finals):.2f}% ± {statistics.stdev(finals):.2f}**"
+    assert headline in (ROOT / "README.md").read_text().split("## Two commands")[0]
+
+
+def test_every_file_in_results_is_linked_from_a_readme():
+    linked = set()
+    for readme in [ROOT / "README.md", *RESULTS.rglob("README.md")]:
+        for target in re.findall(r"\]\(([^)#\s]+)\)", readme.read_text()):
+            linked.add((readme.parent / target).resolve())
+    files = {p.resolve() for p in RESULTS.rglob("*") if p.is_file() and p.name != "README.md"}
+    assert not sorted(files - linked), "files in results/ that no README links to"
