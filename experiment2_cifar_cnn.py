@@ -251,10 +251,14 @@ def is_torchvision_folder(data_dir):
             or (data_dir / "cifar-10-python.tar.gz").is_file())
 
 
+def holds_cifar10(data_dir):
+    return is_image_folder(data_dir) or is_torchvision_folder(data_dir)
+
+
 def check_data_dir(data_dir):
     """Refuses a --data-dir that is neither a CIFAR-10 copy nor a place to download one."""
     try:
-        if is_image_folder(data_dir) or is_torchvision_folder(data_dir):
+        if holds_cifar10(data_dir):
             return
         if data_dir.is_file() or (data_dir.is_dir() and any(data_dir.iterdir())):
             raise UserError(f"{data_dir} is not a CIFAR-10 folder: expected DIR/train/<class>/ "
@@ -923,7 +927,7 @@ def rate(fn, device, seconds=3.0, warmup=3):
 def benchmark_data(args):
     """Real images where --data-dir holds CIFAR-10, else random ones."""
     data_dir = Path(args.data_dir)
-    if is_image_folder(data_dir) or (data_dir / "cifar-10-batches-py").is_dir():
+    if holds_cifar10(data_dir):
         splits, kind, _ = load_cifar10(data_dir, limit=args.limit or 10_000)
         return splits, f"{kind} {args.data_dir}"
     g = np.random.default_rng(0)
@@ -1105,10 +1109,6 @@ def check_flags(args, given):
         if fixed:
             raise UserError(f"{', '.join(fixed)} cannot be given with --resume: the run keeps "
                             "the settings it was started with (see --help for what may change)")
-
-
-def holds_cifar10(data_dir):
-    return is_image_folder(data_dir) or (data_dir / "cifar-10-batches-py").is_dir()
 
 
 def resumed_settings(args, given):
