@@ -56,6 +56,7 @@ RUN_FILES = ("train.log", "metrics.csv", "best.pt", "last.pt",
 # what --resume takes anew from the command line; every other setting comes from the checkpoint
 RESUME_MAY_CHANGE = ("data_dir", "device", "precision", "channels_last", "compile", "workers",
                      "log_every", "overwrite")
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # Ctrl-C; docker stop, Slurm, systemd
 
 
 def build_parser():
@@ -431,16 +432,17 @@ class TrainLoader:
             return iter(self.loader)
 
     def close(self):
-        self.loader = None  # ends the worker processes
+        with signals_held_back():  # a signal inside the workers' shutdown would be swallowed
+            self.loader = None  # ends the worker processes
 
 
 def start_worker(worker_id):
     """Worker processes leave Ctrl-C and SIGTERM to the training process: a terminal, docker stop
     or Slurm signal every process of the job."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 # -----------------------------------------------------------------------------
@@ -1431,7 +1433,7 @@ class Interrupts:
 
     def __init__(self):
         self.holding, self.pending = False, None
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
@@ -1455,22 +1457,35 @@ class Interrupts:
     def ignore_from_now():
         """After the first interruption the run is ending: further signals must not interrupt
         the cleanup (worker shutdown) with tracebacks."""
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
 def signals_held_back():
-    """Blocks Ctrl-C and SIGTERM while worker processes start: they inherit the block and set
-    both to be ignored before lifting it; a signal sent meanwhile reaches this process after."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: workers ignore Ctrl-C once started
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    """Ctrl-C and SIGTERM wait while worker processes start or stop. Starting workers inherit
+    the blocked signals and set both to be ignored before unblocking them. This process may
+    still be told through one of its other threads (torch's thread pool): such a signal is only
+    noted here and raised again after the block, never inside the DataLoader's half-built or
+    half-shut state."""
+    arrived = []
+
+    def note(signum, frame):
+        arrived.append(signum)
+
+    handlers = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
+    blocking = hasattr(signal, "pthread_sigmask")  # not on Windows
+    if blocking:
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 def main(argv=None):
