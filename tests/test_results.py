@@ -34,6 +34,21 @@ def test_pictures_are_published():
 
 
 SEED_FOLDERS = sorted(p.parent.name for p in RESULTS.glob("seed[0-9]*/train.log"))
+BUDGET_FOLDERS = sorted(p.parent.name for p in RESULTS.glob("budget/epochs[0-9]*/train.log"))
+
+
+def settings_other_than(log, command):
+    """The logged settings that differ from what the README's command computes today."""
+    config = re.search(r"^config: (.*)$", log, re.M).group(1)
+    logged = dict(item.split("=", 1) for item in config.split(", "))
+    defaults = vars(exp.build_parser().parse_args(command))
+    # --out and --workers do not change the numbers; --tta (added later) is read by --evaluate only
+    return {k: (logged.get(k), str(v)) for k, v in defaults.items()
+            if k not in ("out", "workers", "tta") and logged.get(k) != str(v)}
+
+
+def final_accuracy_text(log):
+    return re.search(r"^Done: final test accuracy (\d+\.\d\d)%", log, re.M).group(1)
 
 
 @pytest.mark.parametrize("folder", ["."] + SEED_FOLDERS)
@@ -41,20 +56,26 @@ def test_the_committed_logs_ran_the_current_defaults(folder):
     # a change to a default changes what the README's command computes: the headline must then be
     # re-run; results/seedN/ holds the same command with --seed N
     log = (RESULTS / folder / "train.log").read_text()
-    config = re.search(r"^config: (.*)$", log, re.M).group(1)
-    logged = dict(item.split("=", 1) for item in config.split(", "))
     seed = folder[len("seed"):] if folder != "." else "0"
-    command = ["--data-dir", "../shared/cifar10-jpeg", "--seed", seed]
-    defaults = vars(exp.build_parser().parse_args(command))
-    # --out and --workers do not change the numbers; --tta (added later) is read by --evaluate only
-    differ = {k: (logged.get(k), str(v)) for k, v in defaults.items()
-              if k not in ("out", "workers", "tta") and logged.get(k) != str(v)}
+    differ = settings_other_than(log, ["--data-dir", "../shared/cifar10-jpeg", "--seed", seed])
     assert not differ, (f"results/{folder}/train.log ran other settings than the defaults "
                         f"(logged, default): {differ}")
-    final = re.search(r"^Done: final test accuracy (\d+\.\d\d)%", log, re.M).group(1)
+    final = final_accuracy_text(log)
     row = rf"^\| seed {seed} \(.*?\) \| (\*\*)?{re.escape(final)}%(\*\*)? \|"
     readme = (ROOT / "README.md").read_text()
     assert re.search(row, readme, re.M), f"README's row for seed {seed} lacks {final}%"
+
+
+@pytest.mark.parametrize("folder", BUDGET_FOLDERS)
+def test_the_budget_table_quotes_the_default_command_with_fewer_epochs(folder):
+    log = (RESULTS / "budget" / folder / "train.log").read_text()
+    epochs = folder[len("epochs"):]
+    differ = settings_other_than(log, ["--data-dir", "../shared/cifar10-jpeg", "--epochs", epochs])
+    assert not differ, f"results/budget/{folder}/train.log is not the default command: {differ}"
+    final = final_accuracy_text(log)
+    row = rf"^\| {epochs} \(.*?\) \| {re.escape(final)}% \|"
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(row, readme, re.M), f"README's budget row for {epochs} epochs lacks {final}%"
 
 
 def test_the_docstring_headline_is_the_readmes():
@@ -64,8 +85,7 @@ def test_the_docstring_headline_is_the_readmes():
 
 
 def final_accuracy(folder):
-    log = (RESULTS / folder / "train.log").read_text()
-    return float(re.search(r"^Done: final test accuracy (\d+\.\d\d)%", log, re.M).group(1))
+    return float(final_accuracy_text((RESULTS / folder / "train.log").read_text()))
 
 
 def test_the_readme_headline_is_the_mean_and_sd_of_the_committed_seed_logs():
