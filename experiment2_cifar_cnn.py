@@ -439,8 +439,7 @@ class TrainLoader:
 def start_worker(worker_id):
     """Worker processes leave Ctrl-C and SIGTERM to the training process: a terminal, docker stop
     or Slurm signal every process of the job."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    on_stop_signals(signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
@@ -1433,8 +1432,7 @@ class Interrupts:
 
     def __init__(self):
         self.holding, self.pending = False, None
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self.handle)
+        on_stop_signals(self.handle)
 
     def handle(self, signum, frame):
         self.pending = signum
@@ -1457,8 +1455,12 @@ class Interrupts:
     def ignore_from_now():
         """After the first interruption the run is ending: further signals must not interrupt
         the cleanup (worker shutdown) with tracebacks."""
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
+        on_stop_signals(signal.SIG_IGN)
+
+
+def on_stop_signals(handler):
+    """Sets the handler of Ctrl-C and SIGTERM; returns the handlers it replaced."""
+    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
 
 
 @contextlib.contextmanager
@@ -1473,7 +1475,7 @@ def signals_held_back():
     def note(signum, frame):
         arrived.append(signum)
 
-    handlers = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
+    handlers = on_stop_signals(note)
     blocking = hasattr(signal, "pthread_sigmask")  # not on Windows
     if blocking:
         previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
