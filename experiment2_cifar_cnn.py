@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -1069,6 +1070,20 @@ def make_runtime(args, log):
     return Runtime(device, precision, channels_last)
 
 
+def code_version():
+    """The commit the script ran at, so that a run spanning code changes (a resume after an
+    update) says so in its log."""
+    def git(*command):
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *command],
+                              capture_output=True, text=True, timeout=30, check=True).stdout
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no").strip()
+    except (OSError, subprocess.SubprocessError):
+        return "code: not a git checkout, commit unknown"
+    return f"code: commit {commit}" + (", with uncommitted changes" if changed else "")
+
+
 def describe(runtime, workers=None):
     line = (f"device: {runtime.device}, precision: {runtime.precision}, "
             f"channels_last: {runtime.channels_last}, torch {torch.__version__}, "
@@ -1240,6 +1255,7 @@ def log_header(args, runtime, data, log):
     config = recorded_settings(args)
     log("config: " + ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
     log(describe(runtime, args.workers))
+    log(code_version())
 
 
 def train_epochs(args, training, runtime, data, history, log, interrupts):
