@@ -55,8 +55,8 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 RUN_FILES = ("train.log", "metrics.csv", "best.pt", "last.pt",
              "curves.png", "confusion.png", "misclassified.png")
 # what --resume takes anew from the command line; every other setting comes from the checkpoint
-RESUME_MAY_CHANGE = ("data_dir", "device", "precision", "channels_last", "compile", "workers",
-                     "log_every", "overwrite")
+RESUME_MAY_CHANGE = ("data_dir", "device", "precision", "channels_last", "cuda_graphs", "compile",
+                     "workers", "log_every", "overwrite")
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # Ctrl-C; docker stop, Slurm, systemd
 
 
@@ -112,7 +112,14 @@ def add_run_flags(p):
                    "(on CUDA too: this small net's step measured fastest in fp32)")
     g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="auto: on for the CPU, off for CUDA and MPS")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (opt-in)")
+    g.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="replay the step's forward and backward as CUDA graphs instead of "
+                   "launching each kernel; auto: on for CUDA")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (opt-in; with CUDA graphs in its "
+                   "reduce-overhead mode)")
+    g.add_argument("--no-compile", dest="compile", action="store_false", default=False,
+                   help="do not compile (for --resume of a run started with --compile)")
     g.add_argument("--out", type=Path, help="run folder (default: runs/<date-time>)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the results in an existing --out folder; with --resume: "
@@ -554,12 +561,14 @@ class Runtime(NamedTuple):
     device: torch.device
     precision: str  # "fp32", "bf16" or "fp16" (autocast)
     channels_last: bool
+    cuda_graphs: bool = False  # the step's forward and backward replayed as CUDA graphs
 
     def autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        # autocast's cache of cast weights would be captured into the graphs, then stale
+        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.cuda_graphs)
 
     def prepare(self, images, labels):
         """A uint8 NCHW batch -> normalised float32 on the device, in the step's memory format."""
@@ -593,7 +602,7 @@ class EMA:
 class Training(NamedTuple):
     """The objects a training step uses."""
     model: nn.Module  # what is saved
-    forward: nn.Module  # what is stepped: the model, or its torch.compile'd wrapper
+    forward: nn.Module  # what is stepped: the model, its torch.compile'd wrapper, or graphed
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler  # active for fp16 only
@@ -699,14 +708,35 @@ def make_training(args, runtime, total_steps, compiled):
     model = Net().to(runtime.device, memory_format=memory_format(runtime.channels_last))
     optimizer = make_optimizer(model, args)
     # the average of the weights over the last ~1/(1 - decay) steps is what gets evaluated: far
-    # steadier mid-run, +0.2 points at the end of two 60-epoch validation runs (README)
+    # steadier mid-run, +0.2 points at the end of two 60-epoch validation runs (README). Copied
+    # before the model is graphed, so that the copy runs its own forward
+    ema = EMA(model, args.ema) if args.ema else None
     return Training(
-        model=model, forward=torch.compile(model) if compiled else model,
+        model=model, forward=stepped_module(model, runtime, compiled, args.batch_size),
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, args, total_steps),
         scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
         criterion=nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
-        ema=EMA(model, args.ema) if args.ema else None)
+        ema=ema)
+
+
+def stepped_module(model, runtime, compiled, batch_size):
+    """What the training step calls. On a GPU this net's batch-64 step is bound by launching its
+    ~200 small kernels, not by computing them: a CUDA graph launches each pass at once."""
+    if compiled:
+        return torch.compile(model, mode="reduce-overhead" if runtime.cuda_graphs else "default")
+    if not runtime.cuda_graphs:
+        return model
+    # capturing runs a few training passes, which move the BatchNorm statistics: put them back
+    buffers = [b.clone() for b in model.buffers()]
+    sample = torch.zeros(batch_size, 3, 32, 32, device=runtime.device)
+    with runtime.autocast():
+        graphed = torch.cuda.make_graphed_callables(
+            model, (sample.contiguous(memory_format=memory_format(runtime.channels_last)),))
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), buffers):
+            buffer.copy_(saved)
+    return graphed  # the model itself: in eval mode its forward runs as before, ungraphed
 
 
 def memory_format(channels_last):
@@ -1004,7 +1034,9 @@ def benchmark(args, runtime, log):
     steps, training = benchmark_steps(args, variants)
     for name, r in variants.items():
         compiled = ", compiled" if args.compile and name == "configured" else ""
-        log(f"train step, {name} ({r.precision}, channels_last={r.channels_last}{compiled}), "
+        graphs = ", CUDA graphs" if r.cuda_graphs else ""
+        log(f"train step, {name} ({r.precision}, channels_last={r.channels_last}{graphs}"
+            f"{compiled}), "
             f"batch {args.batch_size}: {steps[name]:.0f} img/s, "
             f"{steps[name] * flops / 1e9:.0f} GFLOP/s")
 
@@ -1063,11 +1095,21 @@ def make_runtime(args, log):
         log(f"note: an NVIDIA driver is present but torch {torch.__version__} ({build}) cannot "
             "use it, so this runs on the CPU; install the torch build that matches the driver")
     if args.workers is None:
-        args.workers = 0 if device.type == "cpu" else min(8, (os.cpu_count() or 2) // 2)
+        args.workers = 0 if device.type == "cpu" else min(8, usable_cpus() // 2)
     precision = resolve_precision(args.precision, device)
     channels_last = args.channels_last == "on" or (args.channels_last == "auto"
                                                    and device.type == "cpu")
-    return Runtime(device, precision, channels_last)
+    if args.cuda_graphs == "on" and device.type != "cuda":
+        raise UserError("--cuda-graphs on needs CUDA")
+    cuda_graphs = args.cuda_graphs != "off" and device.type == "cuda"
+    return Runtime(device, precision, channels_last, cuda_graphs)
+
+
+def usable_cpus():
+    """The CPUs this process may run on (taskset, a container's cpuset), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 2
 
 
 def code_version():
@@ -1085,8 +1127,9 @@ def code_version():
 
 
 def describe(runtime, workers=None):
+    graphs = ", CUDA graphs" if runtime.cuda_graphs else ""
     line = (f"device: {runtime.device}, precision: {runtime.precision}, "
-            f"channels_last: {runtime.channels_last}, torch {torch.__version__}, "
+            f"channels_last: {runtime.channels_last}{graphs}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
     return line if workers is None else f"{line}, {workers} workers"
 

@@ -18,12 +18,24 @@ def runtime_for(monkeypatch, cuda, **flags):
 
 def test_cuda_defaults_to_fp32_nchw_and_cpu_to_channels_last(monkeypatch):
     runtime, args, _ = runtime_for(monkeypatch, cuda=True)
-    assert runtime == exp.Runtime(torch.device("cuda"), "fp32", False)
+    assert runtime == exp.Runtime(torch.device("cuda"), "fp32", False, cuda_graphs=True)
     assert args.workers >= 1
+    runtime, args, _ = runtime_for(monkeypatch, cuda=True, cuda_graphs="off")
+    assert not runtime.cuda_graphs
     runtime, args, _ = runtime_for(monkeypatch, cuda=True, precision="bf16", channels_last="on")
     assert (runtime.precision, runtime.channels_last) == ("bf16", True)
     runtime, args, _ = runtime_for(monkeypatch, cuda=False)
     assert runtime.device.type == "cpu" and runtime.channels_last and args.workers == 0
+    assert not runtime.cuda_graphs
+    with pytest.raises(exp.UserError, match="needs CUDA"):
+        runtime_for(monkeypatch, cuda=False, cuda_graphs="on")
+
+
+def test_the_default_worker_count_follows_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(exp.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(exp.os, "cpu_count", lambda: 16)
+    _, args, _ = runtime_for(monkeypatch, cuda=True)
+    assert args.workers == 1
 
 
 @pytest.mark.parametrize("driver", [True, False])

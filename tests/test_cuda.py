@@ -1,0 +1,62 @@
+"""The CUDA-only paths: they run where a GPU is, and are skipped elsewhere (CI has none)."""
+import pytest
+import torch
+
+from conftest import exp
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CUDA = torch.device("cuda")
+
+
+def trained(cuda_graphs, steps=5, ema=0.999):
+    """A model trained a few steps on fixed random batches, with or without CUDA graphs."""
+    args = exp.build_parser().parse_args(["--ema", str(ema)])
+    runtime = exp.Runtime(CUDA, "fp32", False, cuda_graphs)
+    training = exp.make_training(args, runtime, 100, compiled=False)
+    generator, loss = torch.Generator().manual_seed(1), None
+    for _ in range(steps):
+        x = torch.randint(0, 256, (args.batch_size, 3, 32, 32), dtype=torch.uint8,
+                          generator=generator)
+        y = torch.randint(0, 10, (args.batch_size,), generator=generator)
+        loss = exp.training_step(training, runtime, *runtime.prepare(x, y))[0]
+    return training, runtime, loss
+
+
+@needs_cuda
+def test_cuda_graphs_train_as_the_plain_step_does():
+    graphed, _, graphed_loss = trained(cuda_graphs=True)
+    plain, _, plain_loss = trained(cuda_graphs=False)
+    for (name, a), b in zip(graphed.model.state_dict().items(), plain.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
+    for a, b in zip(graphed.ema.model.state_dict().values(), plain.ema.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(graphed_loss, plain_loss, rtol=1e-4)
+
+
+@needs_cuda
+def test_capturing_the_graphs_leaves_the_batchnorm_statistics_alone():
+    training, _, _ = trained(cuda_graphs=True, steps=0)
+    fresh = exp.Net()
+    for (name, a), b in zip(training.model.named_buffers(), fresh.buffers()):
+        assert torch.equal(a.cpu(), b), name
+
+
+@needs_cuda
+@pytest.mark.parametrize("ema", [0.999, 0.0])
+def test_evaluation_runs_the_evaluated_weights_not_the_training_graph(ema):
+    training, runtime, _ = trained(cuda_graphs=True, ema=ema)
+    evaluated = training.ema.model if training.ema else training.forward
+    images = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (100,))
+    _, _, preds = exp.evaluate(evaluated, images, labels, runtime)
+    reference = exp.Net()
+    reference.load_state_dict({k: v.cpu() for k, v in evaluated.state_dict().items()})
+    _, _, expected = exp.evaluate(reference.to(CUDA), images, labels, runtime)
+    assert torch.equal(preds, expected)
+
+
+@needs_cuda
+def test_cuda_defaults(monkeypatch):
+    args = exp.parse_command_line([])[0]
+    runtime = exp.make_runtime(args, lambda line: None)
+    assert runtime.device.type == "cuda" and runtime.cuda_graphs and args.workers >= 1
