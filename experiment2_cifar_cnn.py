@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -727,6 +728,11 @@ def stepped_module(model, runtime, compiled, batch_size):
         return torch.compile(model, mode="reduce-overhead" if runtime.cuda_graphs else "default")
     if not runtime.cuda_graphs:
         return model
+    # The graphed backward runs on the stream it was captured on, and autograd says so at every
+    # run's first step (it synchronises the streams, so the gradients are right); the first
+    # backward also notes that it made cuBLAS's context itself. Neither is for the user
+    torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
+    warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current")
     # capturing runs a few training passes, which move the BatchNorm statistics: put them back
     buffers = [b.clone() for b in model.buffers()]
     sample = torch.zeros(batch_size, 3, 32, 32, device=runtime.device)
