@@ -104,18 +104,20 @@ def add_run_flags(p):
     g.add_argument("--workers", type=positive(int, zero_ok=True),
                    help="DataLoader worker processes for augmentation (default: 0 on CPU, "
                    "where the step already uses every core and in-process augmentation "
-                   "measured faster; else min(8, cores/2))")
+                   "measured faster; else min(8, usable cores/2): on a 16-core H200 host 4, 8 "
+                   "and 15 workers trained equally fast)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                    help="auto: CUDA, else Apple MPS, else CPU")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CPUs with native bf16, else fp32 "
-                   "(on CUDA too: this small net's step measured fastest in fp32)")
+                   "(on CUDA too: bf16 made this small net's step no faster on an H200)")
     g.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="auto: on for the CPU, off for CUDA and MPS")
     g.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
                    help="replay the step's forward and backward as CUDA graphs instead of "
-                   "launching each kernel; auto: on for CUDA")
+                   "launching each kernel; auto: on for CUDA (3.1 instead of 5.3 s per epoch "
+                   "on an H200)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (opt-in; with CUDA graphs in its "
                    "reduce-overhead mode)")
@@ -1086,7 +1088,7 @@ def resolve_precision(name, device):
         native_bf16 = any(getattr(torch.cpu, f, lambda: False)()
                           for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
         # a CPU with native bf16 (emulated bf16 is slower than fp32): faster, same accuracy;
-        # CUDA: this net's batch-64 step measured faster in fp32 than under bf16 (README)
+        # CUDA: with CUDA graphs, bf16 made this net's batch-64 step no faster (README)
         name = "bf16" if device.type == "cpu" and native_bf16 else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs CUDA; use bf16 or fp32")
