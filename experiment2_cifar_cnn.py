@@ -53,7 +53,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # the often-copied (0.2023, 0.1994, 0.20
 MIN_MOMENTUM, MAX_MOMENTUM = 0.85, 0.95
 EVAL_BATCH = 1000
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
-RUN_FILES = ("train.log", "metrics.csv", "best.pt", "last.pt",
+RUN_FILES = ("train.log", "metrics.csv", "best.pt", "last.pt", "augmentations.png",
              "curves.png", "confusion.png", "misclassified.png")
 # what --resume takes anew from the command line; every other setting comes from the checkpoint
 RESUME_MAY_CHANGE = ("data_dir", "device", "precision", "channels_last", "cuda_graphs", "compile",
@@ -319,7 +319,7 @@ def load_cifar10(data_dir, limit=None, val=None, splits=("train", "test")):
 # Augmentation: uint8 in and out, per image, in the training process or in workers;
 # normalisation happens per batch on the device (one table lookup per pixel)
 
-def train_transform(flip_p=0.5, affine_p=0.5, dropout_p=0.25):
+def train_transform(flip_p=0.5, affine_p=0.5, dropout_p=0.25, save_applied_params=False):
     mean_pixel = tuple(255.0 * m for m in CIFAR10_MEAN)  # the hole is filled before normalising
     return A.Compose([
         A.HorizontalFlip(p=flip_p),
@@ -330,7 +330,49 @@ def train_transform(flip_p=0.5, affine_p=0.5, dropout_p=0.25):
         # with a warning
         A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16),
                         hole_width_range=(16, 16), fill=mean_pixel, p=dropout_p),
-    ])
+    ], save_applied_params=save_applied_params)
+
+
+class AugmentationSample(NamedTuple):
+    """One training image as decoded, and augmented draws of it with what each applied."""
+    label: int
+    image: np.ndarray  # uint8 HWC
+    draws: list  # of (uint8 HWC image, text of what was applied)
+
+
+def augmentation_samples(images, labels, args, draws=7):
+    """The first training image of each class present and `draws` augmentations of it by the
+    run's pipeline settings. A pipeline of its own, seeded by --seed, draws them: the training's
+    augmentation streams are not touched."""
+    augment = train_transform(args.flip_p, args.affine_p, args.dropout_p,
+                              save_applied_params=True)
+    augment.set_random_seed(args.seed)
+    samples = []
+    for label in np.unique(labels):
+        image = images[np.flatnonzero(labels == label)[0]]
+        drawn = [augment(image=image) for _ in range(draws)]
+        samples.append(AugmentationSample(int(label), image, [
+            (d["image"], describe_applied(d["applied_transforms"])) for d in drawn]))
+    return samples
+
+
+def describe_applied(applied):
+    """What Albumentations reports it applied, in a few words per transform."""
+    parts = []
+    for name, params in applied:
+        if name == "HorizontalFlip":
+            parts.append("flip")
+        elif name == "Affine":
+            # rotation and scale are about the image centre: where it moves is the shift
+            centre = np.array([15.5, 15.5, 1.0])
+            dx, dy = np.round((params["matrix"] @ centre)[:2] - centre[:2], 1) + 0.0  # not -0.0
+            scale = params["scale"]
+            parts += [f"rotate {params['rotate']:+.1f}°", f"shift {dx:+.1f}, {dy:+.1f} px",
+                      f"scale {scale['x']:.2f} x {scale['y']:.2f}"]
+        elif name == "CoarseDropout":
+            x1, y1, x2, y2 = params["holes"][0]
+            parts.append(f"{x2 - x1}x{y2 - y1} hole at {x1}, {y1}")
+    return "\n".join(parts) or "nothing"
 
 
 @functools.cache
@@ -864,12 +906,45 @@ def pyplot():
     return plt
 
 
+FIGURE_DPI = 110
+ZOOM = 3  # augmentations.png shows each image pixel as a ZOOM x ZOOM block
+CELL_WIDTH, CELL_HEIGHT, MARGIN_LEFT, MARGIN_TOP = 130, 32 * ZOOM + 64, 80, 60
+
+
 def save_figure(fig, path):
     """Written to a temporary file and renamed: an interrupted run leaves no half-written PNG."""
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
+    fig.savefig(tmp, format="png", dpi=FIGURE_DPI)
     pyplot().close(fig)
     os.replace(tmp, path)
+
+
+def augmentation_cell(row, column):
+    """(x, y) of the top-left pixel of a cell's image in augmentations.png, from its top-left."""
+    return (MARGIN_LEFT + column * CELL_WIDTH + (CELL_WIDTH - 32 * ZOOM) // 2,
+            MARGIN_TOP + row * CELL_HEIGHT)
+
+
+def plot_augmentations(samples, args):
+    """Each class's image as decoded, then its draws, each labelled with what was applied. The
+    images are placed pixel for pixel (figimage, no resampling or smoothing)."""
+    columns = 1 + len(samples[0].draws)
+    width, height = MARGIN_LEFT + columns * CELL_WIDTH, MARGIN_TOP + len(samples) * CELL_HEIGHT
+    fig = pyplot().figure(figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI)
+    fig.text(0.5, 1 - 12 / height, f"what the network sees: flip p={args.flip_p}, affine "
+             f"p={args.affine_p}, hole p={args.dropout_p} (seed {args.seed}; before normalising)",
+             ha="center", va="top", fontsize=10)
+    for row, sample in enumerate(samples):
+        cells = [(sample.image, "as decoded")] + sample.draws
+        for column, (image, text) in enumerate(cells):
+            x, y = augmentation_cell(row, column)
+            fig.figimage(image.repeat(ZOOM, axis=0).repeat(ZOOM, axis=1), xo=x,
+                         yo=height - y - 32 * ZOOM, origin="upper")
+            fig.text((x + 16 * ZOOM) / width, 1 - (y + 32 * ZOOM + 3) / height, text,
+                     ha="center", va="top", fontsize=6.5, linespacing=1.1)
+        fig.text(6 / width, 1 - (y + 16 * ZOOM) / height, CLASSES[sample.label], va="center",
+                 fontsize=9)
+    return fig
 
 
 def plot_curves(history, split):
@@ -1271,7 +1346,7 @@ def make_run_folder(args):
 
 class RunData(NamedTuple):
     loader: TrainLoader
-    n_train: int
+    train_split: tuple  # (uint8 NHWC images, labels), as decoded
     split: str  # "test", or "val" with --val
     eval_split: tuple  # (uint8 NHWC images, labels)
     kind: str
@@ -1294,11 +1369,11 @@ def prepare_training(args, log):
     dataset = AugmentedBatches(*splits["train"],
                                train_transform(args.flip_p, args.affine_p, args.dropout_p))
     loader = TrainLoader(dataset, args.batch_size, args.seed, args.workers, runtime.device)
-    return runtime, RunData(loader, n_train, split, splits[split], kind, notes)
+    return runtime, RunData(loader, splits["train"], split, splits[split], kind, notes)
 
 
 def log_header(args, runtime, data, log):
-    log(f"data: {data.kind} {args.data_dir}: {data.n_train} train / "
+    log(f"data: {data.kind} {args.data_dir}: {len(data.train_split[1])} train / "
         f"{len(data.eval_split[1])} {data.split} images")
     for what, paths in data.notes.items():
         if paths:
@@ -1362,6 +1437,10 @@ def train(args, resume_state, log, interrupts):
     log(f"Total trainable parameters: {count_parameters(training.model)}")
     if resume_state:
         log(f"resumed from {args.resume} after epoch {len(history)}")
+    picture = args.out / "augmentations.png"
+    if not picture.exists():  # a resumed run keeps the one drawn at its start
+        samples = augmentation_samples(*data.train_split, args)
+        save_figure(plot_augmentations(samples, args), picture)
     preds = train_epochs(args, training, runtime, data, history, log, interrupts)
     data.loader.close()
     if preds is None:  # a finished run, resumed to write its report again

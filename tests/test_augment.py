@@ -86,3 +86,92 @@ def test_coarse_dropout_uses_albumentations_2_names():
     drop = next(x for x in t.transforms if type(x).__name__ == "CoarseDropout")
     assert drop.num_holes_range == (1, 1)
     assert drop.hole_height_range == (16, 16) and drop.hole_width_range == (16, 16)
+
+
+# ---- augmentations.png: what the network sees
+
+def samples_of(folder, **flags):
+    splits, _, _ = exp.load_cifar10(folder)
+    args = exp.build_parser().parse_args([f"--{k.replace('_', '-')}={v}" for k, v in flags.items()])
+    return splits["train"], exp.augmentation_samples(*splits["train"], args), args
+
+
+def hole_of(text):
+    """(x, y) of the hole a draw's label names, or None."""
+    line = next((t for t in text.splitlines() if "hole" in t), None)
+    if line is None:
+        return None
+    assert line.startswith("16x16 hole at ")
+    x, y = line[len("16x16 hole at "):].split(", ")
+    return int(x), int(y)
+
+
+def test_the_samples_are_each_class_first_image_and_draws_of_it(image_folder):
+    (images, labels), samples, _ = samples_of(image_folder)
+    assert [s.label for s in samples] == list(range(10))
+    for s in samples:
+        assert np.array_equal(s.image, images[np.flatnonzero(labels == s.label)[0]])
+        assert len(s.draws) == 7
+
+
+def test_each_draw_is_labelled_with_what_was_applied(image_folder):
+    _, samples, _ = samples_of(image_folder, flip_p=1, affine_p=0, dropout_p=0)
+    for s in samples:
+        for drawn, text in s.draws:
+            assert text == "flip" and np.array_equal(drawn, s.image[:, ::-1])
+    _, samples, _ = samples_of(image_folder, flip_p=0, affine_p=0, dropout_p=0)
+    assert {text for s in samples for _, text in s.draws} == {"nothing"}
+
+
+def test_a_draw_labelled_with_a_hole_holds_a_16x16_block_of_the_mean_colour(image_folder):
+    _, samples, _ = samples_of(image_folder, flip_p=0, affine_p=0, dropout_p=1)
+    mean = np.array(exp.CIFAR10_MEAN) * 255
+    for s in samples:
+        for drawn, text in s.draws:
+            x, y = hole_of(text)
+            hole = drawn[y:y + 16, x:x + 16].reshape(-1, 3)
+            assert len(hole) == 256 and np.all(np.abs(hole - mean) < 1), text
+            outside = np.ones((32, 32), bool)
+            outside[y:y + 16, x:x + 16] = False
+            assert np.array_equal(drawn[outside], s.image[outside])
+
+
+def test_the_affine_label_gives_the_applied_rotation_shift_and_scale():
+    import albumentations as A
+    affine = A.Compose([A.Affine(translate_px={"x": (3, 3), "y": (-2, -2)}, rotate=(30, 30),
+                                 scale={"x": (1.05, 1.05), "y": (0.95, 0.95)}, p=1)],
+                       save_applied_params=True)
+    applied = affine(image=np.zeros((32, 32, 3), np.uint8))["applied_transforms"]
+    assert exp.describe_applied(applied).splitlines() == [
+        "rotate +30.0°", "shift +3.0, -2.0 px", "scale 1.05 x 0.95"]
+
+
+def test_the_samples_depend_on_the_flags_and_seed_alone(image_folder):
+    _, first, _ = samples_of(image_folder, seed=3)
+    _, again, _ = samples_of(image_folder, seed=3)
+    _, other, _ = samples_of(image_folder, seed=4)
+
+    def pixels(samples):
+        return np.stack([d for s in samples for d, _ in s.draws])
+    assert np.array_equal(pixels(first), pixels(again))
+    assert not np.array_equal(pixels(first), pixels(other))
+
+
+def test_the_picture_shows_the_decoded_images_and_the_holes_pixel_for_pixel(image_folder,
+                                                                             tmp_path):
+    from PIL import Image
+    _, samples, args = samples_of(image_folder, flip_p=0, affine_p=0, dropout_p=1)
+    exp.save_figure(exp.plot_augmentations(samples, args), tmp_path / "augmentations.png")
+    picture = np.asarray(Image.open(tmp_path / "augmentations.png").convert("RGB"))
+    size = 32 * exp.ZOOM
+
+    def cell(row, column):
+        x, y = exp.augmentation_cell(row, column)
+        return picture[y:y + size, x:x + size]
+    for row, s in enumerate(samples):
+        assert np.array_equal(cell(row, 0), s.image.repeat(exp.ZOOM, 0).repeat(exp.ZOOM, 1))
+        drawn, text = s.draws[0]
+        assert np.array_equal(cell(row, 1), drawn.repeat(exp.ZOOM, 0).repeat(exp.ZOOM, 1))
+        x, y = hole_of(text)
+        block = cell(row, 1)[y * exp.ZOOM:(y + 16) * exp.ZOOM, x * exp.ZOOM:(x + 16) * exp.ZOOM]
+        assert block.shape == (48, 48, 3) and len(np.unique(block.reshape(-1, 3), axis=0)) == 1

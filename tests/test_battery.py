@@ -263,9 +263,11 @@ def test_resume_with_a_moved_data_folder_from_another_directory(image_folder, tm
 def test_resume_of_a_finished_run_writes_its_report_again(finished_run, capsys):
     for name in ("curves.png", "confusion.png", "misclassified.png"):
         (finished_run / name).unlink()
+    drawn_at_start = (finished_run / "augmentations.png").stat().st_mtime_ns
     out = trains(["--resume", finished_run / "last.pt"], capsys)
     assert "resumed from" in out and "Done: final test accuracy" in out
     assert all((finished_run / n).stat().st_size > 0 for n in ("curves.png", "confusion.png"))
+    assert (finished_run / "augmentations.png").stat().st_mtime_ns == drawn_at_start
     assert len(rows(finished_run)) == 3
 
 

@@ -29,8 +29,9 @@ def test_metrics_csv_matches_the_log():
 
 
 def test_pictures_are_published():
-    for name in ("curves.png", "confusion.png", "misclassified.png"):
+    for name in ("augmentations.png", "curves.png", "confusion.png", "misclassified.png"):
         assert (RESULTS / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(results/{name})" in (ROOT / "README.md").read_text()
 
 
 SEED_FOLDERS = sorted(p.parent.name for p in RESULTS.glob("seed[0-9]*/train.log"))
