@@ -18,15 +18,19 @@ import contextlib
 import copy
 import csv
 import functools
+import hashlib
+import io
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -58,7 +62,16 @@ RUN_FILES = ("train.log", "metrics.csv", "best.pt", "last.pt", "augmentations.pn
 # what --resume takes anew from the command line; every other setting comes from the checkpoint
 RESUME_MAY_CHANGE = ("data_dir", "device", "precision", "channels_last", "cuda_graphs", "compile",
                      "workers", "log_every", "overwrite")
+# what the modes that do not train read; any other flag given with them is refused
+MODE_FLAGS = {
+    "evaluate": {"evaluate", "tta", "data_dir", "limit", "device", "precision", "channels_last"},
+    "benchmark": {"benchmark", "data_dir", "limit", "batch_size", "ema", "flip_p", "affine_p",
+                  "dropout_p", "workers", "device", "precision", "channels_last", "cuda_graphs",
+                  "compile"},
+    "summary": {"summary"},
+}
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # Ctrl-C; docker stop, Slurm, systemd
+SAVE_FAILED = 74  # exit status when a file of the run cannot be written (sysexits' EX_IOERR)
 
 
 def build_parser():
@@ -123,7 +136,7 @@ def add_run_flags(p):
                    "reduce-overhead mode)")
     g.add_argument("--no-compile", dest="compile", action="store_false", default=False,
                    help="do not compile (for --resume of a run started with --compile)")
-    g.add_argument("--out", type=Path, help="run folder (default: runs/<date-time>)")
+    g.add_argument("--out", type=run_folder, help="run folder (default: runs/<date-time>)")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the results in an existing --out folder; with --resume: "
                    "allow resuming from an earlier epoch than the run's latest")
@@ -169,17 +182,24 @@ def to_rgb(im, path, notes):
     return im.convert("RGB")
 
 
-def read_image(path, notes):
-    """An RGB 32x32 uint8 array. Other modes are converted and other sizes resized, with a note."""
+def read_image(path, notes, digest=None):
+    """An RGB 32x32 uint8 array. Other modes are converted and other sizes resized, with a note.
+    The file's bytes go into digest, if given: the record of the data a run trained on."""
     try:
-        with Image.open(path) as im:
+        data = path.read_bytes()
+        if digest:
+            digest.update(f"{path.parent.name}/{path.name}:{len(data)}:".encode() + data)
+        with warnings.catch_warnings():  # a decompression bomb is one error, not also a warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
             im.load()
             im = to_rgb(im, path, notes)
             if im.size != (32, 32):
                 notes.setdefault("resized to 32x32", []).append(path)
                 im = im.resize((32, 32), Image.BILINEAR, reducing_gap=None)
             return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
 
 
@@ -196,6 +216,9 @@ def list_class_folder(folder, notes):
         for entry in entries:
             if is_image_file(entry):
                 images.append(Path(entry.path))
+            elif entry.is_dir():
+                notes.setdefault("subfolders of class folders skipped", []).append(
+                    Path(entry.path))
             else:
                 notes.setdefault("non-image files skipped", []).append(Path(entry.path))
     if not images:
@@ -220,28 +243,35 @@ def list_image_folder(split_dir, notes):
     return paths, np.array(labels, dtype=np.int64)
 
 
-def load_image_folder(split_dir, limit, notes):
+def load_image_folder(split_dir, limit, notes, digest):
     try:
         paths, labels = list_image_folder(split_dir, notes)
     except OSError as e:  # an unreadable folder, a class "folder" that is a file, ...
         raise UserError(f"cannot read the data folder {split_dir}: {e}") from None
     keep = balanced_indices(labels, limit) if limit else np.arange(len(paths))
-    images = np.stack([read_image(paths[i], notes) for i in keep])
+    images = np.stack([read_image(paths[i], notes, digest) for i in keep])
     return images, labels[keep]
 
 
-def load_torchvision(data_dir, limit, splits):
-    """torchvision's official CIFAR-10 archive, downloaded into data_dir when absent."""
+def load_torchvision(data_dir, limit, splits, digest):
+    """torchvision's official CIFAR-10 archive, downloaded into data_dir when absent. What the
+    user had in data_dir is left as it was; what a failed download made is removed."""
     from torchvision.datasets import CIFAR10
-    existed = data_dir.exists()
+    from torchvision.datasets.utils import check_integrity
+    archive = data_dir / CIFAR10.filename
+    if (archive.exists() and not (data_dir / CIFAR10.base_folder).exists()
+            and not check_integrity(str(archive), CIFAR10.tgz_md5)):
+        raise UserError(f"{archive} is damaged or not the official archive (its checksum "
+                        "differs); remove it to download it again")
+    made = [p for p in (data_dir, *data_dir.parents) if not p.exists()]  # folders to be made
+    had_archive = archive.exists()
     try:
         loaded = {s: CIFAR10(str(data_dir), train=s == "train", download=True) for s in splits}
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad archive a RuntimeError
-        archive = data_dir / CIFAR10.filename
-        if not existed:
-            shutil.rmtree(data_dir, ignore_errors=True)
-        elif archive.exists() and not (data_dir / CIFAR10.base_folder).exists():
-            archive.unlink()  # a partial download: leave nothing half-written
+        if made:
+            shutil.rmtree(made[-1], ignore_errors=True)
+        elif not had_archive:
+            archive.unlink(missing_ok=True)  # a partial download
         raise UserError(f"no CIFAR-10 in {data_dir} and downloading it failed ({e}); point "
                         "--data-dir at a local copy: an ImageFolder tree DIR/train/<class>/*.jpg "
                         "+ DIR/test/<class>/*.jpg, or a folder holding cifar-10-batches-py"
@@ -251,6 +281,7 @@ def load_torchvision(data_dir, limit, splits):
         labels = np.array(ds.targets, dtype=np.int64)
         keep = balanced_indices(labels, limit) if limit else np.arange(len(labels))
         out[split] = (ds.data[keep], labels[keep])
+        digest.update(out[split][0].tobytes())
     return out
 
 
@@ -296,23 +327,33 @@ def hold_out(train, val):
     return {"train": (images[keep], labels[keep]), "val": (images[held], labels[held])}
 
 
+class Loaded(NamedTuple):
+    splits: dict  # {split: (uint8 NHWC images, labels)}
+    kind: str  # "ImageFolder" or "torchvision CIFAR10"
+    notes: dict  # {what: [paths]}: files converted, resized or skipped
+    record: dict  # what a checkpoint keeps to know its data again: counts and a hash
+
+
 def load_cifar10(data_dir, limit=None, val=None, splits=("train", "test")):
-    """{split: (uint8 NHWC images, labels)} for the splits asked for (with --val: 'train' and
-    'val'), the kind of source ('ImageFolder' or 'torchvision CIFAR10') and notes."""
+    """The splits asked for (with --val: 'train' and 'val'), decoded."""
     data_dir = Path(data_dir)
     check_data_dir(data_dir)
-    notes = {}
+    notes, digest = {}, hashlib.sha256()
     if val:
         splits = ("train",)  # the test set stays untouched, not even decoded
     if is_image_folder(data_dir):
-        loaded = {s: load_image_folder(data_dir / s, limit, notes) for s in splits}
+        loaded = {s: load_image_folder(data_dir / s, limit, notes, digest) for s in splits}
         kind = "ImageFolder"
     else:
-        loaded = load_torchvision(data_dir, limit, splits)
+        loaded = load_torchvision(data_dir, limit, splits, digest)
         kind = "torchvision CIFAR10"
     if val:
         loaded = hold_out(loaded["train"], val)
-    return loaded, kind, notes
+    # the hash is of the files read, not of the decoded pixels: another Pillow may decode a JPEG
+    # a little differently, and that is still the same data
+    counts = {s: np.bincount(labels, minlength=len(CLASSES)).tolist()
+              for s, (_, labels) in loaded.items()}
+    return Loaded(loaded, kind, notes, {"counts": counts, "sha256": digest.hexdigest()})
 
 
 # -----------------------------------------------------------------------------
@@ -481,18 +522,18 @@ class TrainLoader:
         return len(self.batches)
 
     def __iter__(self):
-        with signals_held_back():  # worker processes start at the first iter() of the run
+        with Stop.held_from_workers():  # worker processes start at the first iter() of the run
             return iter(self.loader)
 
     def close(self):
-        with signals_held_back():  # a signal inside the workers' shutdown would be swallowed
-            self.loader = None  # ends the worker processes
+        self.loader = None  # ends the worker processes
 
 
 def start_worker(worker_id):
     """Worker processes leave Ctrl-C and SIGTERM to the training process: a terminal, docker stop
     or Slurm signal every process of the job."""
-    on_stop_signals(signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
@@ -673,15 +714,16 @@ def training_step(training, runtime, x, y):
     return loss.detach(), out
 
 
-def train_one_epoch(training, loader, runtime, epoch, log, log_every):
+def train_one_epoch(training, loader, runtime, epoch, log, log_every, stop):
     """One pass over the loader. Logs the loss and accuracy of every log_every batches; returns
-    (mean loss, accuracy %) over the epoch's batches."""
+    (mean loss, accuracy %) over the epoch's batches. A stop signal is acted on between batches."""
     training.forward.train()
     # per-batch losses and the correct count stay on the device, read (one sync) per window
-    window_loss = torch.zeros(log_every, device=runtime.device)
+    window_loss = torch.zeros(min(log_every, len(loader)), device=runtime.device)
     window_correct = torch.zeros((), device=runtime.device, dtype=torch.long)
     window_seen, total_loss, total_correct, total_seen = 0, 0.0, 0, 0
     for batch, (x, y) in enumerate(loader, 1):
+        stop.check()
         x, y = runtime.prepare(x, y)
         loss, out = training_step(training, runtime, x, y)
         i = (batch - 1) % log_every
@@ -796,32 +838,66 @@ def memory_format(channels_last):
 # -----------------------------------------------------------------------------
 # Checkpoints: plain tensors and numbers only, written atomically, loaded with weights_only=True
 
-def save_checkpoint(path, state):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+def write_atomically(path, data):
+    """Writes bytes to a temporary file beside path and renames it onto path: a kill at any moment
+    leaves the old file or the new one, never part of one (the next run in the folder removes a
+    temporary left behind). A file that cannot be written (a full disk) raises SaveFailed."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            if hasattr(os, "fchmod"):  # mkstemp's file is private; the run's files follow umask
+                os.fchmod(f.fileno(), 0o666 & ~umask())
+            f.write(data)
             f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file
-        os.replace(tmp, path)  # a kill at any moment leaves the previous file intact
+            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave it empty
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SaveFailed(path, e) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+@functools.cache
+def umask():
+    mask = os.umask(0o022)  # reading the umask means setting it; it is set straight back
+    os.umask(mask)
+    return mask
+
+
+def remove_temporaries(folder):
+    """The temporaries of a run that was killed while it wrote one of its files."""
+    for path in folder.glob("*.tmp"):
+        if any(path.name.startswith(name + ".") for name in RUN_FILES):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def save_checkpoint(path, state):
+    buffer = io.BytesIO()  # in memory first: torch.save on a full disk fails with a RuntimeError
+    torch.save(state, buffer)
+    write_atomically(path, buffer.getvalue())
 
 
 def recorded_settings(args):
-    """The run's settings as the log and the checkpoint keep them: --data-dir as given."""
-    return {k: v for k, v in vars(args).items() if k != "data_folder"}
+    """The run's settings as the log and the checkpoint keep them: the flags, --data-dir as
+    given."""
+    return {k: v for k, v in vars(args).items() if k not in ("data_folder", "run_id")}
 
 
-def checkpoint_state(training, history, args):
+def checkpoint_state(training, history, args, runtime, data):
     state = {"model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
              "scheduler": training.scheduler.state_dict(), "scaler": training.scaler.state_dict(),
              "rng": torch.get_rng_state(), "epoch": history[-1]["epoch"], "history": history,
              "args": {k: str(v) if isinstance(v, Path) else v
                       for k, v in recorded_settings(args).items()},
              # --data-dir as given is kept for the logs; this finds it from another directory
-             "data_dir_resolved": str(Path(args.data_folder).resolve())}
+             "data_dir_resolved": str(Path(args.data_folder).resolve()),
+             # what a resume checks: that it continues this run, on its data, as it ran
+             "run_id": args.run_id, "data": data.record,
+             "resolved": resolved_settings(args, runtime)}
     if training.ema:
         state["ema"] = training.ema.model.state_dict()
     return state
@@ -912,11 +988,10 @@ CELL_WIDTH, CELL_HEIGHT, MARGIN_LEFT, MARGIN_TOP = 130, 32 * ZOOM + 64, 80, 60
 
 
 def save_figure(fig, path):
-    """Written to a temporary file and renamed: an interrupted run leaves no half-written PNG."""
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=FIGURE_DPI)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=FIGURE_DPI)
     pyplot().close(fig)
-    os.replace(tmp, path)
+    write_atomically(path, buffer.getvalue())
 
 
 def augmentation_cell(row, column):
@@ -992,15 +1067,14 @@ def plot_misclassified(images, labels, preds, split):
 
 
 def write_metrics(out, history):
-    tmp = out / "metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, out / "metrics.csv")
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    write_atomically(out / "metrics.csv", text.getvalue().encode())
 
 
-def report(out, history, split, eval_split, preds, log):
+def report(out, history, split, eval_split, preds, log, stop):
     """The final lines of the log and the three pictures."""
     final, top = history[-1], max(history, key=lambda h: h["test_acc"])
     reached = next((h for h in history if h["test_acc"] >= 85.0), None)
@@ -1012,9 +1086,12 @@ def report(out, history, split, eval_split, preds, log):
     images, labels = eval_split
     confusion = np.zeros((10, 10), dtype=np.int64)
     np.add.at(confusion, (labels, preds), 1)
-    save_figure(plot_curves(history, split), out / "curves.png")
-    save_figure(plot_confusion(confusion, split), out / "confusion.png")
-    save_figure(plot_misclassified(images, labels, preds, split), out / "misclassified.png")
+    pictures = {"curves.png": lambda: plot_curves(history, split),
+                "confusion.png": lambda: plot_confusion(confusion, split),
+                "misclassified.png": lambda: plot_misclassified(images, labels, preds, split)}
+    for name, draw in pictures.items():
+        save_figure(draw(), out / name)
+        stop.check()
     per_class = [f"{c} {100 * confusion[i, i] / confusion[i].sum():.1f}%" if confusion[i].sum()
                  else f"{c} (no images)" for i, c in enumerate(CLASSES)]
     log("Per-class accuracy: " + ", ".join(per_class))
@@ -1043,7 +1120,7 @@ def benchmark_data(args):
     """Real images where --data-dir holds CIFAR-10, else random ones."""
     data_dir = Path(args.data_dir)
     if holds_cifar10(data_dir):
-        splits, kind, _ = load_cifar10(data_dir, limit=args.limit or 10_000)
+        splits, kind, _, _ = load_cifar10(data_dir, limit=args.limit or 10_000)
         return splits, f"{kind} {args.data_dir}"
     g = np.random.default_rng(0)
     n = args.limit or 2_000
@@ -1086,13 +1163,13 @@ def benchmark_pipeline(loader):
     return pipeline
 
 
-def benchmark_epoch(loader, runtime, training, test_split):
+def benchmark_epoch(loader, runtime, training, test_split, stop):
     """(training epoch img/s, evaluation img/s), each timed on the second of two passes: the
     first warms caches up and compiles."""
     test_images, test_labels = as_tensors(*test_split)
     for epoch in (1, 2):
         start = time.perf_counter()
-        train_one_epoch(training, loader.epoch(epoch), runtime, 1, lambda line: None, 100)
+        train_one_epoch(training, loader.epoch(epoch), runtime, 1, lambda line: None, 100, stop)
         epoch_rate = len(loader) * loader.batches.batch_size / (time.perf_counter() - start)
         start = time.perf_counter()
         evaluate(training.forward, test_images, test_labels, runtime)
@@ -1100,7 +1177,7 @@ def benchmark_epoch(loader, runtime, training, test_split):
     return epoch_rate, eval_rate
 
 
-def benchmark(args, runtime, log):
+def benchmark(args, runtime, log, stop):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(runtime.precision, torch.float32)
     a = torch.randn(2048, 2048, device=runtime.device, dtype=dtype)
     matmul = rate(lambda: a @ a, runtime.device) * 2 * 2048**3 / 1e9
@@ -1128,7 +1205,7 @@ def benchmark(args, runtime, log):
     loader = TrainLoader(dataset, args.batch_size, 0, args.workers, runtime.device)
     log(f"data pipeline alone (decoded arrays -> augment -> uint8 batches, "
         f"{args.workers} workers): {benchmark_pipeline(loader):.0f} img/s")
-    epoch, evaluation = benchmark_epoch(loader, runtime, training, splits["test"])
+    epoch, evaluation = benchmark_epoch(loader, runtime, training, splits["test"], stop)
     loader.close()
     log(f"training epoch end to end ({len(loader) * args.batch_size} images): {epoch:.0f} img/s")
     log(f"evaluation: {evaluation:.0f} img/s")
@@ -1221,7 +1298,7 @@ def evaluate_checkpoint(args, log):
     model = Net()
     load_checkpoint(args.evaluate, model, weights="ema")
     runtime = make_runtime(args, log)
-    splits, kind, _ = load_cifar10(args.data_dir, args.limit, splits=("test",))
+    splits, kind, _, _ = load_cifar10(args.data_dir, args.limit, splits=("test",))
     model.to(runtime.device, memory_format=memory_format(runtime.channels_last))
     images, labels = as_tensors(*splits["test"])
     views = {False: "", True: ", each image averaged with its mirror"}
@@ -1238,10 +1315,15 @@ def print_summary():
 
 
 def check_flags(args, given):
-    """Flag combinations that cannot work, refused before anything is read or written."""
+    """Flag combinations that cannot work, and flags a mode does not use, refused before anything
+    is read or written."""
     if args.tta and not args.evaluate:
         raise UserError("--tta applies to --evaluate CKPT only "
                         "(training runs report single-view accuracy)")
+    for mode, uses in MODE_FLAGS.items():
+        unused = [f"--{k.replace('_', '-')}" for k in sorted(given) if k not in uses]
+        if getattr(args, mode) and unused:
+            raise UserError(f"--{mode} does not use {', '.join(unused)}")
     if args.resume:
         fixed = [f"--{k.replace('_', '-')}" for k in sorted(given)
                  if k not in RESUME_MAY_CHANGE + ("resume",)]
@@ -1264,9 +1346,13 @@ def resumed_settings(args, given):
             and isinstance(state["args"], dict)):
         raise UserError(f"{args.resume} holds a damaged training state")
     saved = {k: v for k, v in state["args"].items() if k in vars(args) and k != "overwrite"}
+    saved.update(state.get("resolved", {}))  # 'auto' as the run resolved it
     settings = argparse.Namespace(**{**vars(args), **saved,
                                      **{k: getattr(args, k) for k in given}})
-    settings.resume, settings.out = args.resume, args.resume.parent
+    # the folder the checkpoint really is in (through a symbolic link too) is the run's
+    settings.resume = Path(os.path.realpath(args.resume))
+    settings.out = settings.resume.parent
+    check_folder_holds_the_run(settings.out, settings.resume, state)
     settings.data_dir = settings.data_folder = Path(settings.data_dir)
     if "data_dir" not in given and not holds_cifar10(settings.data_dir):
         # a relative --data-dir, resumed from another directory: found through its absolute path
@@ -1277,6 +1363,27 @@ def resumed_settings(args, given):
         settings.data_folder = elsewhere
     check_rewind(settings, state)
     return settings, state
+
+
+def check_folder_holds_the_run(folder, checkpoint, state):
+    """Refuses to resume into a folder whose files belong to another run: they would be
+    overwritten."""
+    if "run_id" not in state:
+        return  # an older checkpoint: said in the log
+    others = set()
+    for name in ("last.pt", "best.pt"):
+        path = folder / name
+        if path.is_file() and not path.samefile(checkpoint):
+            with contextlib.suppress(Exception):  # not a checkpoint: not a run's
+                others.add(torch.load(path, map_location="cpu", weights_only=True)["run_id"])
+    log = folder / "train.log"
+    if log.is_file():
+        others.update(re.findall(r"^run id: (\w+)$", log.read_text(errors="replace"), re.M))
+    others.discard(state["run_id"])
+    if others:
+        raise UserError(f"{folder} holds the files of another run (run id {sorted(others)[0]}) "
+                        f"than {checkpoint.name} (run id {state['run_id']}): resuming would "
+                        f"overwrite them; move {checkpoint.name} into a folder of its own first")
 
 
 def check_rewind(args, state):
@@ -1290,8 +1397,12 @@ def check_rewind(args, state):
                             f"from {args.out / 'last.pt'}, or add --overwrite to rewind the run")
 
 
-def check_out_folder(out):
-    """--out must be, or be able to become, a folder this user can write to."""
+def check_out_folder(out, data_folder):
+    """--out must be, or be able to become, a folder this user can write to, outside the data."""
+    data = Path(data_folder).resolve()
+    if out.resolve() == data or data in out.resolve().parents:
+        raise UserError(f"run folder {out} is inside the data folder {data_folder}: its files "
+                        "would be read as data by later runs; give --out a folder elsewhere")
     try:
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file, not a folder")
@@ -1316,8 +1427,9 @@ def holds_results(folder):
 
 def check_new_run_folder(args):
     if args.out is None:
+        check_out_folder(Path("runs"), args.data_folder)
         return
-    check_out_folder(args.out)
+    check_out_folder(args.out, args.data_folder)
     if args.out.is_dir() and holds_results(args.out) and not args.overwrite:
         last = args.out / "last.pt"
         how = f"use --resume {last} to continue or " if last.exists() else ""
@@ -1326,7 +1438,7 @@ def check_new_run_folder(args):
 
 
 def make_run_folder(args):
-    """Creates the run folder (runs/<date-time> unless --out) and clears an earlier run's files."""
+    """Creates the run folder: --out, or runs/<date-time>."""
     try:
         if args.out is None:
             stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -1337,11 +1449,33 @@ def make_run_folder(args):
                     return out
             raise UserError(f"no free run folder name in runs/ for {stamp.name}; give --out")
         args.out.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:
-            (args.out / name).unlink(missing_ok=True)
         return args.out
     except OSError as e:
         raise UserError(f"cannot make the run folder {args.out or 'runs/'}: {e}") from None
+
+
+def hold_run_folder(folder, held, new_run):
+    """Locks the run folder for the whole run (released by `held`), so that a second run given
+    the same folder is refused; then clears what a killed run left (temporaries) and, for a new
+    run, an earlier run's files. Returns a note where this filesystem cannot lock."""
+    note = None
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+        held.callback(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # Windows
+        note = "note: run folders are not locked on this system"
+    except BlockingIOError:
+        raise UserError(f"run folder {folder} is in use by another run; give another --out, or "
+                        "wait for that run to end") from None
+    except OSError as e:  # some network filesystems cannot lock
+        note = f"note: the run folder cannot be locked here ({e.strerror}); running without a lock"
+    remove_temporaries(folder)
+    if new_run:
+        for name in RUN_FILES:
+            (folder / name).unlink(missing_ok=True)
+    return note
 
 
 class RunData(NamedTuple):
@@ -1351,16 +1485,17 @@ class RunData(NamedTuple):
     eval_split: tuple  # (uint8 NHWC images, labels)
     kind: str
     notes: dict
+    record: dict  # counts per class and a hash of the files read (load_cifar10)
 
 
 def prepare_training(args, log):
     """Everything that can go wrong before anything is written: runtime, folder, data, sizes."""
     runtime = make_runtime(args, log)
     if args.resume:
-        check_out_folder(args.out)
+        check_out_folder(args.out, args.data_folder)
     else:
         check_new_run_folder(args)
-    splits, kind, notes = load_cifar10(args.data_folder, args.limit, args.val)
+    splits, kind, notes, record = load_cifar10(args.data_folder, args.limit, args.val)
     split = "val" if args.val else "test"
     n_train = len(splits["train"][1])
     if n_train < args.batch_size:
@@ -1369,7 +1504,43 @@ def prepare_training(args, log):
     dataset = AugmentedBatches(*splits["train"],
                                train_transform(args.flip_p, args.affine_p, args.dropout_p))
     loader = TrainLoader(dataset, args.batch_size, args.seed, args.workers, runtime.device)
-    return runtime, RunData(loader, splits["train"], split, splits[split], kind, notes)
+    return runtime, RunData(loader, splits["train"], split, splits[split], kind, notes, record)
+
+
+def resume_notes(args, state, runtime, data):
+    """Refuses a resume on other data than the run's; notes what could not be checked (a
+    checkpoint of an older version) and run settings given anew that change the numbers."""
+    if "run_id" not in state:
+        args.run_id = uuid.uuid4().hex[:12]
+        return [f"note: {args.resume} was written by an older version of this script: it holds "
+                f"no run id and no record of its data, so neither that {args.out} holds only this "
+                "run nor that the data is the run's own could be checked"]
+    args.run_id = state["run_id"]
+    check_same_data(state["data"], data.record, args)
+    kept = state["resolved"]
+    now = resolved_settings(args, runtime)
+    return [f"note: --{k.replace('_', '-')} {now[k]} given anew (the run had {kept[k]}): from "
+            "here on the numbers differ from those of an uninterrupted run"
+            for k in kept if now[k] != kept[k]]
+
+
+def check_same_data(saved, record, args):
+    for split, counts in saved["counts"].items():
+        found = record["counts"].get(split)
+        if found != counts:
+            raise UserError(f"{args.data_dir} is not the data this run trained on: its {split} "
+                            f"split has {found} images per class, the run's had {counts}")
+    if saved["sha256"] != record["sha256"]:
+        raise UserError(f"{args.data_dir} is not the data this run trained on: the same number "
+                        "of images per class, but other image files (another copy, or changed "
+                        "images)")
+
+
+def resolved_settings(args, runtime):
+    """The settings that change the numbers, as this run resolved them ('auto' made concrete):
+    a resumed run keeps them."""
+    return {"precision": runtime.precision, "channels_last": "on" if runtime.channels_last
+            else "off", "workers": args.workers}
 
 
 def log_header(args, runtime, data, log):
@@ -1382,9 +1553,10 @@ def log_header(args, runtime, data, log):
     log("config: " + ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
     log(describe(runtime, args.workers))
     log(code_version())
+    log(f"run id: {args.run_id}")
 
 
-def train_epochs(args, training, runtime, data, history, log, interrupts):
+def train_epochs(args, training, runtime, data, history, log, stop):
     """Trains the epochs after those in history; after each, saves and logs it. Returns the last
     evaluation's predictions (None if no epoch was left)."""
     images, labels = as_tensors(*data.eval_split)
@@ -1394,7 +1566,7 @@ def train_epochs(args, training, runtime, data, history, log, interrupts):
         epoch_start = time.perf_counter()
         try:
             train_loss, train_acc = train_one_epoch(training, data.loader.epoch(epoch), runtime,
-                                                    epoch, log, args.log_every)
+                                                    epoch, log, args.log_every, stop)
         except NonFiniteLoss as e:
             last = args.out / "last.pt"
             raise UserError(f"{e}; stopped. The last good checkpoint is "
@@ -1409,49 +1581,66 @@ def train_epochs(args, training, runtime, data, history, log, interrupts):
                         "test_acc": round(test_acc, 2), "lr": training.scheduler.get_last_lr()[0],
                         "epoch_s": round(now - epoch_start, 1),
                         "elapsed_s": round(now - run_start, 1)})
-        state = checkpoint_state(training, history, args)
-        with interrupts.held():
-            if is_best:
-                save_checkpoint(args.out / "best.pt", state)
-            save_checkpoint(args.out / "last.pt", state)
-            write_metrics(args.out, history)
-            # logged after the save: an epoch that is logged is an epoch that is kept
-            log(f"Epoch {epoch}/{args.epochs}, Train Loss: {train_loss:.4f}, "
-                f"Train Accuracy: {train_acc:.2f}%, {name} Loss: {test_loss:.4f}, "
-                f"{name} Accuracy: {test_acc:.2f}%")
-            log.epochs_saved = epoch
+        state = checkpoint_state(training, history, args, runtime, data)
+        # last.pt first: best.pt, metrics.csv and the epoch's line are never ahead of it
+        save_checkpoint(args.out / "last.pt", state)
+        if is_best:
+            save_checkpoint(args.out / "best.pt", state)
+        write_metrics(args.out, history)
+        log(f"Epoch {epoch}/{args.epochs}, Train Loss: {train_loss:.4f}, "
+            f"Train Accuracy: {train_acc:.2f}%, {name} Loss: {test_loss:.4f}, "
+            f"{name} Accuracy: {test_acc:.2f}%")
+        stop.check()
     return preds
 
 
-def train(args, resume_state, log, interrupts):
-    runtime, data = prepare_training(args, log)
-    training = make_training(args, runtime, args.epochs * len(data.loader), args.compile)
-    history = []
-    if resume_state:
-        load_checkpoint(args.resume, training.model)
-        history = restore_training(training, resume_state, args.resume)
-    else:
-        args.out = make_run_folder(args)
-    log.open(args.out, append=bool(resume_state), epochs=args.epochs, saved=len(history))
-    log_header(args, runtime, data, log)
-    log(f"Total trainable parameters: {count_parameters(training.model)}")
-    if resume_state:
-        log(f"resumed from {args.resume} after epoch {len(history)}")
+def train(args, resume_state, log, stop):
+    with contextlib.ExitStack() as held:  # the run folder's lock
+        notes = [hold_run_folder(args.out, held, new_run=False)] if resume_state else []
+        runtime, data = prepare_training(args, log)
+        training = make_training(args, runtime, args.epochs * len(data.loader), args.compile)
+        history = []
+        if resume_state:
+            notes += resume_notes(args, resume_state, runtime, data)
+            load_checkpoint(args.resume, training.model)
+            history = restore_training(training, resume_state, args.resume)
+        else:
+            args.out = make_run_folder(args)
+            notes.append(hold_run_folder(args.out, held, new_run=True))
+            args.run_id = uuid.uuid4().hex[:12]
+        log.open(args.out, append=bool(resume_state))
+        log_header(args, runtime, data, log)
+        log(f"Total trainable parameters: {count_parameters(training.model)}")
+        for note in filter(None, notes):
+            log(note)
+        if resume_state:
+            log(f"resumed from {args.resume} after epoch {len(history)}")
+        train_and_report(args, training, runtime, data, history, log, stop)
+
+
+def train_and_report(args, training, runtime, data, history, log, stop):
     picture = args.out / "augmentations.png"
     if not picture.exists():  # a resumed run keeps the one drawn at its start
         samples = augmentation_samples(*data.train_split, args)
         save_figure(plot_augmentations(samples, args), picture)
-    preds = train_epochs(args, training, runtime, data, history, log, interrupts)
-    data.loader.close()
+    stop.at_once = False  # from here on a signal waits for the batch or the save under way
+    try:
+        preds = train_epochs(args, training, runtime, data, history, log, stop)
+    finally:
+        data.loader.close()
     if preds is None:  # a finished run, resumed to write its report again
         evaluated = training.ema.model if training.ema else training.model
         _, _, preds = evaluate(evaluated, *as_tensors(*data.eval_split), runtime)
-    report(args.out, history, data.split, data.eval_split, preds.numpy(), log)
+    report(args.out, history, data.split, data.eval_split, preds.numpy(), log, stop)
+    log.finished = True
 
 
-def run(args, given, log, interrupts):
+def run(args, given, log, stop):
     """Chooses the mode."""
     check_flags(args, given)
+    for mode in ("summary", "evaluate", "benchmark"):
+        if getattr(args, mode):
+            log.mode = f"--{mode}"  # a mode that writes nothing: a signal ends it at once
     if args.summary:
         return print_summary()
     if args.evaluate:
@@ -1459,13 +1648,14 @@ def run(args, given, log, interrupts):
     if args.benchmark:
         runtime = make_runtime(args, log)
         log(describe(runtime))
-        return benchmark(args, runtime, log)
+        return benchmark(args, runtime, log, stop)
     resume_state = None
     if args.resume:
         args, resume_state = resumed_settings(args, given)
+        log.folder = args.out  # what an interruption's message reads from now on
     else:
         args.data_folder = args.data_dir
-    return train(args, resume_state, log, interrupts)
+    return train(args, resume_state, log, stop)
 
 
 # -----------------------------------------------------------------------------
@@ -1473,6 +1663,14 @@ def run(args, given, log, interrupts):
 
 class UserError(Exception):
     """A mistake the user can fix: reported as one line on stderr, exit status 2."""
+
+
+class SaveFailed(Exception):
+    """A file of the run could not be written (a full disk, a quota): one line saying what is
+    saved, exit status SAVE_FAILED."""
+
+    def __init__(self, path, error):
+        super().__init__(f"cannot write {path}: {error.strerror or error}")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1490,16 +1688,28 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def positive(kind, zero_ok=False):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not math.isfinite(value) or not (value >= 0 if zero_ok else value > 0):
             raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {text}")
+        if kind is float and value > FLOAT32_MAX:  # the step computes in float32 (or less)
+            raise argparse.ArgumentTypeError(f"{text} is too large for float32 (at most 3.4e38)")
         return value
     return parse
+
+
+def run_folder(text):
+    if not text.strip():  # an unset shell variable: not the current directory
+        raise argparse.ArgumentTypeError("is empty")
+    return Path(text)
 
 
 def probability(text):
@@ -1540,117 +1750,150 @@ def parse_command_line(argv):
 
 
 class RunLog:
-    """Prints each line and appends it to the run folder's train.log once that is open; knows how
-    far the run got, for the message of an interrupted run."""
+    """Prints each line and appends it to the run folder's train.log once that is open. The
+    terminal may go away (`| head`): the run goes on and the log keeps being written."""
 
     def __init__(self):
-        self.file, self.folder, self.epochs, self.epochs_saved = None, None, None, 0
+        self.file, self.folder, self.mode, self.finished = None, None, "train", False
 
     def __call__(self, line):
-        print(line, flush=True)
-        if self.file:
-            self.file.write(line + "\n")
-            self.file.flush()
+        self.say(line, sys.stdout)
+        self.write(line)
 
-    def open(self, folder, append, epochs, saved):
-        self.folder, self.epochs, self.epochs_saved = folder, epochs, saved
+    def say(self, line, stream):
+        try:
+            print(line, file=stream, flush=True)
+        except OSError:  # a closed pipe: its output goes nowhere from now on
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+    def write(self, line):
+        if self.file:
+            try:
+                self.file.write(line + "\n")
+                self.file.flush()
+            except OSError:  # a full disk: the checkpoint writes will say so
+                pass
+
+    def open(self, folder, append):
+        self.folder = folder
         self.file = open(folder / "train.log", "a" if append else "w")
+
+    def end(self, line, after_a_signal=False):
+        """The line that ends the run: on stderr, and in train.log where it can still be written.
+        After a signal it starts on a line of its own (a terminal has echoed ^C)."""
+        self.say("\n" * after_a_signal + line, sys.stderr)
+        self.write(line)
 
     def close(self):
         if self.file:
-            self.file.close()
+            with contextlib.suppress(OSError):
+                self.file.close()
 
     def where_it_stopped(self):
+        """What the run folder holds, read from disk, and how to continue."""
+        if self.mode != "train":
+            return f"{self.mode} stopped; it writes nothing"
         last = self.folder / "last.pt" if self.folder else None
-        if not last or not self.epochs_saved or not last.exists():
+        saved = saved_epochs(last) if last else None
+        if not saved:
             return "no epoch had finished, nothing to resume"
-        resume = f"python {sys.argv[0]} --resume {last}"
-        if self.epochs_saved < self.epochs:
-            return f"last completed epoch is saved in {last}; continue with: {resume}"
-        return (f"all {self.epochs} epochs are saved in {last}, the final report was cut short; "
-                f"to write it: {resume}")
+        epoch, epochs = saved
+        resume = resume_command(last)
+        if epoch < epochs:
+            return (f"last completed epoch is saved in {last} (epoch {epoch} of {epochs}); "
+                    f"continue with: {resume}")
+        if not self.finished:
+            return (f"all {epochs} epochs are saved in {last}, the final report was cut short; "
+                    f"to write it: {resume}")
+        return f"the run had finished: its {epochs} epochs and report are in {self.folder}"
 
 
-class Interrupts:
-    """Ctrl-C and SIGTERM raise KeyboardInterrupt, except inside `with interrupts.held():`, where
-    they wait for the block to end: a checkpoint, the metrics and the epoch's log line are never
-    left half-written."""
+def saved_epochs(last):
+    """(epochs saved in a last.pt, epochs of its run), or None where there is none to read."""
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        return int(state["epoch"]), int(state["args"]["epochs"])
+    except Exception:  # no file, or not one to resume from: nothing saved
+        return None
 
-    def __init__(self):
-        self.holding, self.pending = False, None
-        on_stop_signals(self.handle)
 
-    def handle(self, signum, frame):
-        self.pending = signum
-        if not self.holding:
-            # Python swallows this raise when the signal lands in a callback (a __del__, a
-            # weakref callback); `pending` then stops the run after that epoch's checkpoint
-            raise KeyboardInterrupt(signal.Signals(signum).name)
+def resume_command(last):
+    """The command that continues the run, as it can be pasted into a shell here."""
+    script = sys.argv[0] if os.path.isfile(sys.argv[0]) else __file__
+    return shlex.join([sys.executable, script, "--resume", str(last)])
 
+
+class Stopped(Exception):
+    """A stop signal, acted on at a point where the run can stop cleanly."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        self.status = 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM
+
+
+class Stop:
+    """Ctrl-C and SIGTERM (a terminal, docker stop, Slurm, systemd; to this process or its whole
+    group). The handler only notes the signal; the run acts on it where it chooses (`check`:
+    between batches, pictures and saves), so nothing is ever raised inside a library's callback
+    or a DataLoader's set-up, and a save under way is finished. A second signal ends the process
+    at once; so does the first while nothing is under way that must finish (`at_once`: decoding
+    data, a download, the modes that write nothing, the end of the run)."""
+
+    def __init__(self, log):
+        self.log, self.noted, self.at_once, self.owner = log, None, True, os.getpid()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self.note)
+
+    def note(self, signum, frame):
+        if os.getpid() != self.owner:  # a worker process, forked before it ignores the signals
+            return
+        second = self.noted is not None
+        self.noted = signum
+        if self.at_once or second:
+            stopped = Stopped(signum)
+            self.log.end(f"interrupted by {stopped.name}: {self.log.where_it_stopped()}", True)
+            os._exit(stopped.status)
+
+    def check(self):
+        if self.noted is not None:
+            raise Stopped(self.noted)
+
+    @staticmethod
     @contextlib.contextmanager
-    def held(self):
-        self.holding = True
+    def held_from_workers():
+        """While worker processes start: they inherit the blocked signals, set both to be
+        ignored (start_worker) and then unblock them, so that a signal to the whole group never
+        reaches a worker before that. This process gets them when the block ends."""
+        if not hasattr(signal, "pthread_sigmask"):  # Windows
+            yield
+            return
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             yield
         finally:
-            self.holding = False
-            if self.pending:
-                raise KeyboardInterrupt(signal.Signals(self.pending).name)
-
-    @staticmethod
-    def ignore_from_now():
-        """After the first interruption the run is ending: further signals must not interrupt
-        the cleanup (worker shutdown) with tracebacks."""
-        on_stop_signals(signal.SIG_IGN)
-
-
-def on_stop_signals(handler):
-    """Sets the handler of Ctrl-C and SIGTERM; returns the handlers it replaced."""
-    return {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-
-
-@contextlib.contextmanager
-def signals_held_back():
-    """Ctrl-C and SIGTERM wait while worker processes start or stop. Starting workers inherit
-    the blocked signals and set both to be ignored before unblocking them. This process may
-    still be told through one of its other threads (torch's thread pool): such a signal is only
-    noted here and raised again after the block, never inside the DataLoader's half-built or
-    half-shut state."""
-    arrived = []
-
-    def note(signum, frame):
-        arrived.append(signum)
-
-    handlers = on_stop_signals(note)
-    blocking = hasattr(signal, "pthread_sigmask")  # not on Windows
-    if blocking:
-        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        if blocking:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if arrived:
-            signal.raise_signal(arrived[0])
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def main(argv=None):
     log = RunLog()
+    stop = Stop(log)
     try:
-        interrupts = Interrupts()
         args, given = parse_command_line(argv)
-        run(args, given, log, interrupts)
+        run(args, given, log, stop)
+        stop.check()  # a signal in the run's last moments still ends it as a stop
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.end(f"error: {e}")
         sys.exit(2)
-    except KeyboardInterrupt as e:
-        Interrupts.ignore_from_now()
-        by = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
-        print(f"\ninterrupted by {by}: {log.where_it_stopped()}", file=sys.stderr)
-        sys.exit(143 if by == "SIGTERM" else 130)
+    except SaveFailed as e:
+        log.end(f"error: {e}; {log.where_it_stopped()}")
+        sys.exit(SAVE_FAILED)
+    except Stopped as e:
+        log.end(f"interrupted by {e.name}: {log.where_it_stopped()}", after_a_signal=True)
+        sys.exit(e.status)
     finally:
+        stop.at_once = True  # all is saved: a signal from here on ends the process at once
         log.close()
 
 

@@ -91,7 +91,7 @@ def test_coarse_dropout_uses_albumentations_2_names():
 # ---- augmentations.png: what the network sees
 
 def samples_of(folder, **flags):
-    splits, _, _ = exp.load_cifar10(folder)
+    splits, _, _, _ = exp.load_cifar10(folder)
     args = exp.build_parser().parse_args([f"--{k.replace('_', '-')}={v}" for k, v in flags.items()])
     return splits["train"], exp.augmentation_samples(*splits["train"], args), args
 

@@ -3,6 +3,7 @@ before anything is written. (Interruptions: test_signals.py.)"""
 import csv
 import os
 import shutil
+import signal
 import zipfile
 
 import numpy as np
@@ -135,7 +136,7 @@ def test_image_files_that_are_empty_or_broken(tree, tmp_path, capsys, content):
 def test_sixteen_bit_grayscale_png_looks_like_its_picture(tree):
     ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
     Image.fromarray(ramp).save(tree / "train" / "cat" / "deep.png")
-    splits, _, notes = exp.load_cifar10(tree)
+    splits, _, notes, _ = exp.load_cifar10(tree)
     loaded = exp.read_image(tree / "train" / "cat" / "deep.png", {})
     expected = np.rint(ramp / 257).astype(np.uint8)
     assert np.abs(loaded[..., 0].astype(int) - expected).max() <= 1
@@ -148,9 +149,10 @@ def test_odd_entries_in_a_class_folder_are_skipped_or_converted(tree, capsys, tm
     (cat / "folder.png").mkdir()
     (cat / "dangling.png").symlink_to(tmp_path / "nowhere.png")
     Image.new("P", (1, 1)).save(cat / "tiny_palette.png", transparency=0)
-    splits, _, notes = exp.load_cifar10(tree)
+    splits, _, notes, _ = exp.load_cifar10(tree)
     assert len(splits["train"][1]) == 41
-    assert {p.name for p in notes["non-image files skipped"]} == {"folder.png", "dangling.png"}
+    assert [p.name for p in notes["subfolders of class folders skipped"]] == ["folder.png"]
+    assert [p.name for p in notes["non-image files skipped"]] == ["dangling.png"]
     assert [p.name for p in notes["resized to 32x32"]] == ["tiny_palette.png"]
 
 
@@ -216,7 +218,7 @@ def test_damaged_training_state(finished_run, capsys, damage):
 def test_resume_on_other_data_than_the_run_trained_on(finished_run, tmp_path, capsys):
     other = make_image_folder(tmp_path / "other", per_class=(2, 2))
     fails(["--resume", finished_run / "last.pt", "--data-dir", other], capsys,
-          "this is not the data it trained on")
+          "is not the data this run trained on: its train split has [2, 2, 2")
 
 
 def test_resume_from_an_earlier_epoch_needs_overwrite(finished_run, capsys):
@@ -241,10 +243,10 @@ def test_resume_with_a_moved_data_folder_from_another_directory(image_folder, tm
     monkeypatch.chdir(image_folder.parent)
     real = exp.train_one_epoch
 
-    def ctrl_c_in_epoch_2(training, loader, runtime, epoch, log, log_every):
+    def ctrl_c_in_epoch_2(training, loader, runtime, epoch, *rest):
         if epoch == 2:
-            raise KeyboardInterrupt("SIGINT")
-        return real(training, loader, runtime, epoch, log, log_every)
+            raise exp.Stopped(signal.SIGINT)
+        return real(training, loader, runtime, epoch, *rest)
     monkeypatch.setattr(exp, "train_one_epoch", ctrl_c_in_epoch_2)
     with pytest.raises(SystemExit) as stop:
         exp.main(["--data-dir", image_folder.name, "--out", "run", "--epochs", "2",
@@ -297,7 +299,7 @@ def test_overwrite_removes_the_previous_runs_pictures(finished_run, image_folder
     monkeypatch.setattr(exp, "report", lambda *a: None)  # the new run ends before its pictures
     trains(["--data-dir", image_folder, "--out", finished_run, "--overwrite", *TINY], capsys)
     assert sorted(p.name for p in finished_run.iterdir()) == [
-        "best.pt", "last.pt", "metrics.csv", "train.log"]
+        "augmentations.png", "best.pt", "last.pt", "metrics.csv", "train.log"]
 
 
 def test_a_folder_holding_only_an_unfinished_runs_log_is_reused(image_folder, tmp_path, capsys):

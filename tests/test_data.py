@@ -60,18 +60,18 @@ def test_torchvision_source_downloads_extracts_and_loads(tmp_path, monkeypatch, 
     monkeypatch.setattr(CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
                                           "md5": md5["batches.meta"]})
 
-    splits, source, _ = exp.load_cifar10(tmp_path / "data")
+    splits, source, _, _ = exp.load_cifar10(tmp_path / "data")
     assert source.startswith("torchvision")
     assert (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").is_file()
     (x, _), (xt, _) = splits["train"], splits["test"]
     assert x.shape == (100, 32, 32, 3) and x.dtype == np.uint8 and xt.shape == (10, 32, 32, 3)
     np.testing.assert_array_equal(x, train_images)
-    splits, _, _ = exp.load_cifar10(tmp_path / "data", limit=30)  # no download now; limited
+    splits, _, _, _ = exp.load_cifar10(tmp_path / "data", limit=30)  # no download now; limited
     assert np.bincount(splits["train"][1]).tolist() == [3] * 10
 
 
 def test_image_folder_source_gives_official_labels(image_folder):
-    splits, source, notes = exp.load_cifar10(image_folder)
+    splits, source, notes, _ = exp.load_cifar10(image_folder)
     (x, y), (xt, _) = splits["train"], splits["test"]
     assert source.startswith("ImageFolder")
     assert x.shape == (200, 32, 32, 3) and xt.shape == (100, 32, 32, 3)
@@ -82,24 +82,24 @@ def test_image_folder_source_gives_official_labels(image_folder):
 
 
 def test_limit_is_class_balanced_and_takes_the_first_images(image_folder):
-    splits, _, _ = exp.load_cifar10(image_folder, limit=25)
+    splits, _, _, _ = exp.load_cifar10(image_folder, limit=25)
     y = splits["train"][1]
     assert np.bincount(y, minlength=10).tolist() == [3] * 5 + [2] * 5
     assert np.bincount(splits["test"][1], minlength=10).tolist() == [3] * 5 + [2] * 5
 
 
 def test_val_split_holds_out_the_last_images_of_each_class(image_folder):
-    splits, _, _ = exp.load_cifar10(image_folder, val=50)
+    splits, _, _, _ = exp.load_cifar10(image_folder, val=50)
     assert set(splits) == {"train", "val"}
     assert np.bincount(splits["val"][1]).tolist() == [5] * 10
     assert np.bincount(splits["train"][1]).tolist() == [15] * 10
-    full, _, _ = exp.load_cifar10(image_folder)
+    full, _, _, _ = exp.load_cifar10(image_folder)
     # airplane 0..14 stay in train
     np.testing.assert_array_equal(splits["train"][0][:15], full["train"][0][:15])
 
 
 def test_dataset_and_loader_give_uint8_batches_that_the_step_normalises(image_folder):
-    splits, _, _ = exp.load_cifar10(image_folder)
+    splits, _, _, _ = exp.load_cifar10(image_folder)
     ds = exp.AugmentedBatches(*splits["train"], exp.train_transform())
     import torch
     x, y = next(iter(exp.TrainLoader(ds, 16, 0, 0, torch.device("cpu")).epoch(1)))
@@ -110,7 +110,7 @@ def test_dataset_and_loader_give_uint8_batches_that_the_step_normalises(image_fo
 
 def test_loader_with_workers_is_seeded_and_each_worker_augments_differently(image_folder):
     import torch
-    splits, _, _ = exp.load_cifar10(image_folder)
+    splits, _, _, _ = exp.load_cifar10(image_folder)
     x, y = splits["train"]
     same = np.repeat(x[:1], 64, axis=0)  # one image 64 times: only augmentation makes items differ
     ds = exp.AugmentedBatches(same, y[:64], exp.train_transform())
@@ -125,7 +125,7 @@ def test_loader_with_workers_is_seeded_and_each_worker_augments_differently(imag
 
 @needs_jpeg_copy
 def test_jpeg_copy_loads_with_official_labels():
-    splits, _, notes = exp.load_cifar10(JPEG_COPY, limit=100)
+    splits, _, notes, _ = exp.load_cifar10(JPEG_COPY, limit=100)
     assert splits["train"][0].shape == splits["test"][0].shape == (100, 32, 32, 3)
     assert np.bincount(splits["train"][1]).tolist() == [10] * 10
     mean = splits["train"][0].reshape(-1, 3).mean(0) / 255

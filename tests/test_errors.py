@@ -103,7 +103,7 @@ def test_stray_files_are_skipped_and_odd_images_converted(tmp_path):
     Image.new("L", (32, 32), 128).save(root / "train" / "dog" / "gray.png")
     Image.new("RGBA", (32, 32), (10, 20, 30, 40)).save(root / "train" / "dog" / "rgba.png")
     Image.new("RGB", (64, 64), (200, 100, 50)).save(root / "train" / "dog" / "big.png")
-    splits, _, notes = exp.load_cifar10(root)
+    splits, _, notes, _ = exp.load_cifar10(root)
     x, y = splits["train"]
     assert x.shape == (23, 32, 32, 3)
     assert len(notes["non-image files skipped"]) == 3
@@ -183,16 +183,17 @@ def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(image_folder, tmp_p
                                                              monkeypatch):
     real = exp.train_one_epoch
 
-    def nan_in_epoch_2(training, loader, runtime, epoch, log, log_every):
+    def nan_in_epoch_2(training, loader, runtime, epoch, *rest):
         if epoch == 2:
             raise exp.NonFiniteLoss("loss became nan at epoch 2, batch 5")
-        return real(training, loader, runtime, epoch, log, log_every)
+        return real(training, loader, runtime, epoch, *rest)
     monkeypatch.setattr(exp, "train_one_epoch", nan_in_epoch_2)
     run = tmp_path / "run"
     err = fails(["--data-dir", image_folder, "--out", run, "--epochs", 3, "--batch-size", 20,
                  "--workers", 0], capsys)
     assert "epoch 2, batch 5" in err and f"last good checkpoint is {run / 'last.pt'}" in err
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    assert (run / "train.log").read_text().splitlines()[-1] == err.strip()  # the log keeps it
 
 
 def test_resume_from_weights_without_training_state(tmp_path, capsys):

@@ -70,7 +70,7 @@ def test_the_ema_update_is_one_lerp_per_tensor_to_the_last_bit():
 
 def test_a_persistent_loader_gives_each_epoch_what_a_fresh_one_would(image_folder):
     # what makes a resumed run with workers repeat an uninterrupted one
-    splits, _, _ = exp.load_cifar10(image_folder)
+    splits, _, _, _ = exp.load_cifar10(image_folder)
 
     def epoch_batches(loader, epoch):
         return [(x.clone(), y.clone()) for x, y in loader.epoch(epoch)]
