@@ -32,6 +32,7 @@ import tempfile
 import time
 import uuid
 import warnings
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -76,7 +77,11 @@ SAVE_FAILED = 74  # exit status when a file of the run cannot be written (sysexi
 
 def build_parser():
     p = OneLineParser(prog="experiment2_cifar_cnn.py", description=__doc__.split("\n\n")[0],
-                      formatter_class=HelpFormatter)
+                      formatter_class=HelpFormatter,
+                      epilog=f"exit status: 0 done; 2 a mistake to fix, said in one line; "
+                      f"{SAVE_FAILED} a file of the run could not be written (a full disk), the "
+                      "line says what is saved; 130 or 143 stopped by Ctrl-C or SIGTERM, the "
+                      "line says what is saved and how to continue")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive(int), default=60, help="passes over the training set")
     g.add_argument("--batch-size", type=positive(int), default=64, help="images per step")
@@ -145,10 +150,12 @@ def add_run_flags(p):
     g = p.add_argument_group("modes")
     modes = g.add_mutually_exclusive_group()
     modes.add_argument("--resume", type=Path, metavar="CKPT",
-                       help="continue the run saved in CKPT with the settings it was started "
-                       "with; only --data-dir (a moved copy), --device, --precision, "
-                       "--channels-last, --compile, --workers, --log-every and --overwrite "
-                       "may be given anew")
+                       help="continue the run saved in CKPT, in CKPT's folder, on the run's own "
+                       "data, with the settings it was started with (and 'auto' as it resolved "
+                       "them); only --data-dir (a moved copy), --device, --precision, "
+                       "--channels-last, --cuda-graphs, --compile, --workers, --log-every and "
+                       "--overwrite may be given anew (a new precision, layout or worker count "
+                       "changes the numbers: the log says so)")
     modes.add_argument("--evaluate", type=Path, metavar="CKPT",
                        help="only evaluate CKPT on the test set")
     g.add_argument("--tta", action="store_true",
@@ -912,15 +919,33 @@ def read_checkpoint(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds for files that are not checkpoints
-        text = str(e).lower()
-        unsafe = "weights_only" in text or "unsupported global" in text
-        why = ("it holds objects other than tensors and numbers, refused for safety" if unsafe
-               else (str(e).strip().splitlines() or [type(e).__name__])[0])
-        raise UserError(f"{path} is not a loadable checkpoint: {why}") from None
+        raise UserError(f"{path} is not a loadable checkpoint: {unloadable(path, e)}") from None
     if (not isinstance(state, dict) or not isinstance(state.get("model"), dict)
             or not isinstance(state.get("ema", {}), dict)):
         raise UserError(f"{path} is not a checkpoint of this script")
     return state
+
+
+def unloadable(path, error):
+    """Why torch.load refused path, in words."""
+    text = str(error).lower()
+    if "weights_only" in text or "unsupported global" in text:
+        return "it holds objects other than tensors and numbers, refused for safety"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror})"
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK") and zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return "it is a zip archive, not a PyTorch file"
+        return "the file is damaged"
+    if head.startswith(b"PK") or head.startswith(b"\x80"):  # a zip or pickle, cut short
+        return "the file is cut short or damaged"
+    return "it is not a PyTorch file"
 
 
 def check_network(state, path):

@@ -46,10 +46,32 @@ def tree(tmp_path):
 @pytest.mark.parametrize("flag,value", [
     ("--seed", 2**64), ("--seed", -1), ("--seed", "1e3"), ("--warmup", 1.5), ("--warmup", "x"),
     ("--label-smoothing", "nan"), ("--lr", "inf"), ("--lr", "nan"), ("--weight-decay", "inf"),
-    ("--workers", -1), ("--ema", -0.5), ("--log-every", 0), ("--val", "0")])
+    ("--workers", -1), ("--ema", -0.5), ("--log-every", 0), ("--val", "0"),
+    # finite as Python floats, but not in the float32 the step computes in
+    ("--lr", "1e39"), ("--weight-decay", "1e300")])
 def test_flag_values_that_cannot_train_are_refused_by_the_parser(flag, value, capsys):
     err = fails([flag, value], capsys, flag)
     assert err.endswith("(see --help)")
+
+
+def test_a_fraction_where_a_whole_number_is_wanted(capsys):
+    fails(["--batch-size", "3.5"], capsys, "'3.5' is not a whole number")
+
+
+def test_a_log_interval_longer_than_an_epoch_costs_no_memory(image_folder, tmp_path, capsys):
+    # the window of per-batch losses is the epoch's length, not the flag's
+    out = trains(["--data-dir", image_folder, "--out", tmp_path / "run", *TINY,
+                  "--log-every", 10_000_000_000_000], capsys)
+    assert "Epoch 1/1," in out and ", Batch " not in out
+
+
+@pytest.mark.parametrize("mode,unused", [
+    (["--evaluate", "x.pt"], ["--val", 5, "--epochs", 2, "--lr", 0.1, "--seed", 1, "--out", "o"]),
+    (["--benchmark"], ["--out", "o", "--epochs", 2]),
+    (["--summary"], ["--seed", 1])])
+def test_every_mode_refuses_the_flags_it_does_not_use(mode, unused, capsys):
+    names = sorted(str(a) for a in unused if str(a).startswith("--"))
+    fails([*mode, *unused], capsys, f"{mode[0]} does not use {', '.join(names)}")
 
 
 @pytest.mark.parametrize("warmup", ["1", "0"])
@@ -180,8 +202,12 @@ def checkpoint_files(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     torch.save({"model": {k: "text" for k in good["model"]}}, tmp_path / "strings.pt")
     torch.save({"model": good["model"], "ema": [1, 2]}, tmp_path / "badema.pt")
-    return {"empty.pt": "not a loadable checkpoint", "cut.pt": "not a loadable checkpoint",
-            "zip.pt": "not a loadable checkpoint", "folder.pt": "is not a file",
+    (tmp_path / "text.pt").write_text("just some text")
+    return {"empty.pt": "not a loadable checkpoint: the file is empty",
+            "cut.pt": "not a loadable checkpoint: the file is cut short or damaged",
+            "zip.pt": "not a loadable checkpoint: it is a zip archive, not a PyTorch file",
+            "text.pt": "not a loadable checkpoint: it is not a PyTorch file",
+            "folder.pt": "is not a file",
             "tensor.pt": "not a checkpoint of this script",
             "strings.pt": "holds a different network",
             "badema.pt": "not a checkpoint of this script"}

@@ -63,6 +63,27 @@ def test_missing_data_dir_offline_says_how_to_point_at_a_local_copy(tmp_path, of
     assert not (tmp_path / "absent").exists() and not (tmp_path / "run").exists()
 
 
+def test_a_misspelled_nested_data_dir_leaves_no_folders_behind(tmp_path, offline, capsys):
+    fails(["--data-dir", tmp_path / "a" / "b" / "c"], capsys)
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_users_damaged_archive_is_left_as_it_was(tmp_path, offline, capsys):
+    (tmp_path / "data").mkdir()
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"half a download")
+    assert "is damaged or not the official archive" in fails(["--data-dir", tmp_path / "data"],
+                                                             capsys)
+    assert archive.read_bytes() == b"half a download"
+
+
+def test_a_decompression_bomb_is_one_line(tmp_path, capsys, monkeypatch):
+    data = make_image_folder(tmp_path / "data", per_class=(2, 1))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # a 32x32 image counts as a bomb now
+    err = fails(["--data-dir", data, "--out", tmp_path / "run"], capsys)
+    assert "cannot read image" in err and "decompression bomb" in err
+
+
 def test_empty_data_dir_offline_leaves_no_partial_download(tmp_path, offline, capsys):
     (tmp_path / "empty").mkdir()
     assert "downloading it failed" in fails(["--data-dir", tmp_path / "empty"], capsys)

@@ -43,10 +43,11 @@ def settings_other_than(log, command):
     config = re.search(r"^config: (.*)$", log, re.M).group(1)
     logged = dict(item.split("=", 1) for item in config.split(", "))
     defaults = vars(exp.build_parser().parse_args(command))
-    # --out and --workers do not change the numbers; --tta (added later) is read by --evaluate only;
+    defaults["workers"] = 0  # what the default (None) resolves to on a CPU, logged resolved
+    # --out does not change the numbers; --tta (added later) is read by --evaluate only;
     # --cuda-graphs (added later) is off on the CPU
     return {k: (logged.get(k), str(v)) for k, v in defaults.items()
-            if k not in ("out", "workers", "tta", "cuda_graphs") and logged.get(k) != str(v)}
+            if k not in ("out", "tta", "cuda_graphs") and logged.get(k) != str(v)}
 
 
 def final_accuracy_text(log):
