@@ -35,7 +35,7 @@ def test_pictures_are_published():
 
 
 SEED_FOLDERS = sorted(p.parent.name for p in RESULTS.glob("seed[0-9]*/train.log"))
-BUDGET_FOLDERS = sorted(p.parent.name for p in RESULTS.glob("budget/epochs[0-9]*/train.log"))
+LENGTH_FOLDERS = sorted(p.parent.name for p in RESULTS.glob("budget/epochs*-seed*/train.log"))
 
 
 def settings_other_than(log, command):
@@ -69,16 +69,48 @@ def test_the_committed_logs_ran_the_current_defaults(folder):
     assert re.search(row, readme, re.M), f"README's row for seed {seed} lacks {final}%"
 
 
-@pytest.mark.parametrize("folder", BUDGET_FOLDERS)
-def test_the_budget_table_quotes_the_default_command_with_fewer_epochs(folder):
+def logged_setting(log, name):
+    return re.search(rf"^config: .*\b{name}=(\w+)", log, re.M).group(1)
+
+
+def runs_by_length():
+    """{epochs: {seed: final test accuracy text}} of every committed run of the default command:
+    the headline runs and those of the table of training lengths."""
+    runs = {}
+    for folder in ["."] + SEED_FOLDERS + [f"budget/{f}" for f in LENGTH_FOLDERS]:
+        log = (RESULTS / folder / "train.log").read_text()
+        epochs, seed = logged_setting(log, "epochs"), logged_setting(log, "seed")
+        runs.setdefault(epochs, {})[seed] = final_accuracy_text(log)
+    return runs
+
+
+def mean_and_sd(finals):
+    values = [float(v) for v in finals]
+    return f"{statistics.mean(values):.2f}% ± {statistics.stdev(values):.2f}"
+
+
+@pytest.mark.parametrize("folder", LENGTH_FOLDERS)
+def test_each_run_of_another_length_is_the_default_command_with_its_epochs_and_seed(folder):
     log = (RESULTS / "budget" / folder / "train.log").read_text()
-    epochs = folder[len("epochs"):]
-    differ = settings_other_than(log, ["--data-dir", "../shared/cifar10-jpeg", "--epochs", epochs])
+    epochs, seed = logged_setting(log, "epochs"), logged_setting(log, "seed")
+    assert folder == f"epochs{epochs}-seed{seed}"
+    differ = settings_other_than(log, ["--data-dir", "../shared/cifar10-jpeg", "--epochs", epochs,
+                                       "--seed", seed])
     assert not differ, f"results/budget/{folder}/train.log is not the default command: {differ}"
-    final = final_accuracy_text(log)
-    row = rf"^\| {epochs} \(.*?\) \| {re.escape(final)}% \|"
+
+
+def test_the_table_of_training_lengths_quotes_every_run_and_each_five_seeds_mean():
     readme = (ROOT / "README.md").read_text()
-    assert re.search(row, readme, re.M), f"README's budget row for {epochs} epochs lacks {final}%"
+    table = readme.split("### Training lengths")[1].split("\n## ")[0]
+    for epochs, finals in runs_by_length().items():
+        row = re.search(rf"^\| {epochs}\b.*$", table, re.M)
+        assert row, f"no row for {epochs} epochs"
+        if len(finals) == 5:
+            assert f" {mean_and_sd(finals.values())} " in row.group(0), row.group(0)
+        else:
+            assert all(f" {final}% " in row.group(0) for final in finals.values()), row.group(0)
+    assert sorted(re.findall(r"^\| (\d+)\b", table, re.M), key=int) == sorted(
+        runs_by_length(), key=int), "a row without its runs"
 
 
 def test_the_docstring_headline_is_the_readmes():
@@ -97,7 +129,9 @@ def test_the_readme_headline_is_the_mean_and_sd_of_the_committed_seed_logs():
     headline = f"{statistics.mean(finals):.2f}% ± {statistics.stdev(finals):.2f}"
     readme = (ROOT / "README.md").read_text()
     assert f"**{headline}**" in readme.split("## Two commands")[0]
-    assert set(re.findall(r"\d+\.\d\d% ± \d+\.\d\d", readme)) == {headline}  # and everywhere
+    # every mean ± sd quoted is that of five committed runs of one length
+    fives = {mean_and_sd(f.values()) for f in runs_by_length().values() if len(f) == 5}
+    assert set(re.findall(r"\d+\.\d\d% ± \d+\.\d\d", readme)) <= fives and headline in fives
 
 
 def test_every_file_in_results_is_linked_from_a_readme():
