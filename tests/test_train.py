@@ -3,6 +3,7 @@ import re
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from conftest import JPEG_COPY, ROOT, exp, needs_jpeg_copy
 
 SCRIPT = str(ROOT / "experiment2_cifar_cnn.py")
 CPU = exp.Runtime(torch.device("cpu"), "fp32", False)
+NO_STOP = types.SimpleNamespace(check=lambda: None)  # no stop signal arrives
 BATCH_LINE = re.compile(r"^Epoch (\d+), Batch (\d+): Train Loss: \d+\.\d{4}, "
                         r"Train Accuracy: \d+\.\d{2}%$", re.M)
 EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+), Train Loss: \d+\.\d{4}, Train Accuracy: \d+\.\d{2}%, "
@@ -57,7 +59,7 @@ def test_train_one_epoch_returns_epoch_averages_and_logs_every_n_batches(image_f
     opt = exp.make_optimizer(model, exp.build_parser().parse_args([]))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, total_steps=len(loader))
     training = training_objects(model, opt, sched, nn.CrossEntropyLoss())
-    loss, acc = exp.train_one_epoch(training, loader.epoch(3), CPU, 3, lines.append, 4)
+    loss, acc = exp.train_one_epoch(training, loader.epoch(3), CPU, 3, lines.append, 4, NO_STOP)
     assert len(lines) == 2 and all(BATCH_LINE.match(line) for line in lines)
     assert [BATCH_LINE.match(line).groups() for line in lines] == [("3", "4"), ("3", "8")]
     assert 0 < loss < 5 and 0 <= acc <= 100
@@ -76,7 +78,7 @@ def test_non_finite_loss_names_epoch_and_batch(image_folder):
         return nn.functional.cross_entropy(out, y) * next(nan_on_batch_3)
     with pytest.raises(exp.NonFiniteLoss, match="epoch 2, batch 3"):
         exp.train_one_epoch(training_objects(model, opt, sched, criterion), loader.epoch(2), CPU, 2,
-                            print, 100)
+                            print, 100, NO_STOP)
 
 
 def test_ema_update_moves_every_weight_and_statistic_a_fraction_toward_the_current_ones():
