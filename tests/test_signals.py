@@ -216,9 +216,13 @@ def test_a_closed_terminal_does_not_stop_training(reference, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, run_args(data, run))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(300, proc.kill)  # a run that hangs fails, not the test suite
+    watchdog.start()
     first_lines = [proc.stdout.readline() for _ in range(2)]  # as `| head -2`
     proc.stdout.close()
     err = proc.stderr.read()
-    assert proc.wait(timeout=300) == 0 and "Traceback" not in err, err
+    status = proc.wait()
+    watchdog.cancel()
+    assert status == 0 and "Traceback" not in err, err
     assert first_lines[0].startswith("data:")
     assert metrics(run) == full and "Done: final test accuracy" in (run / "train.log").read_text()
