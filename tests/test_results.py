@@ -69,6 +69,38 @@ def test_the_committed_logs_ran_the_current_defaults(folder):
     assert re.search(row, readme, re.M), f"README's row for seed {seed} lacks {final}%"
 
 
+def metrics_rows(folder):
+    with open(RESULTS / folder / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("folder", ["."] + SEED_FOLDERS)
+def test_the_results_table_row_is_its_metrics(folder):
+    # best (epoch) and the first epoch at 85%, as README's Results table gives them
+    seed = folder[len("seed"):] if folder != "." else "0"
+    rows = metrics_rows(folder)
+    best = max(rows, key=lambda r: float(r["test_acc"]))  # the first of equals, as the log says
+    first_85 = next((r["epoch"] for r in rows if float(r["test_acc"]) >= 85), None)
+    readme = (ROOT / "README.md").read_text()
+    row = re.search(rf"^\| seed {seed} \(.*$", readme.split("## Results")[1], re.M).group(0)
+    cells = [cell.strip() for cell in row.split("|")[2:-1]]
+    assert f"{float(best['test_acc']):.2f}% ({best['epoch']})" in cells, row
+    reached = [cell for cell in cells if cell == "never" or cell.startswith("epoch ")]
+    assert reached and reached[0].split(",")[0] == (f"epoch {first_85}" if first_85 else "never")
+
+
+def test_readme_quotes_the_per_class_line_of_the_committed_log():
+    log = (RESULTS / "train.log").read_text()
+    per_class = re.search(r"^Per-class accuracy: .*$", log, re.M).group(0)
+    assert per_class in (ROOT / "README.md").read_text()
+
+
+def test_the_recipe_table_gives_the_default_length():
+    readme = (ROOT / "README.md").read_text()
+    row = re.search(r"^\| epochs \| (\d+) \|", readme.split("## Training recipe")[1], re.M)
+    assert row.group(1) == str(exp.build_parser().parse_args([]).epochs)
+
+
 def logged_setting(log, name):
     return re.search(rf"^config: .*\b{name}=(\w+)", log, re.M).group(1)
 
