@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT, exp
 
 RESULTS = ROOT / "results"
+README = ROOT / "README.md"
 
 
 def test_readme_quotes_the_final_epoch_line_of_the_committed_log():
@@ -16,14 +17,18 @@ def test_readme_quotes_the_final_epoch_line_of_the_committed_log():
     final = re.findall(r"^Epoch (\d+)/(\d+), .*$", log, re.M)
     last_line = [line for line in log.splitlines() if line.startswith(f"Epoch {final[-1][0]}/")][-1]
     assert final[-1][0] == final[-1][1], "the headline run did not finish"
-    assert last_line in (ROOT / "README.md").read_text()
+    assert last_line in README.read_text()
+
+
+def metrics_rows(folder):
+    with open(RESULTS / folder / "metrics.csv") as f:
+        return list(csv.DictReader(f))
 
 
 def test_metrics_csv_matches_the_log():
     log = (RESULTS / "train.log").read_text()
     logged = re.findall(r"^Epoch (\d+)/\d+, .*Test Accuracy: (\d+\.\d\d)%$", log, re.M)
-    with open(RESULTS / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = metrics_rows(".")
     assert [(r["epoch"], f"{float(r['test_acc']):.2f}") for r in rows] == logged
     assert "ImageFolder ../shared/cifar10-jpeg" in log  # the data the README names
 
@@ -31,11 +36,16 @@ def test_metrics_csv_matches_the_log():
 def test_pictures_are_published():
     for name in ("augmentations.png", "curves.png", "confusion.png", "misclassified.png"):
         assert (RESULTS / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"(results/{name})" in (ROOT / "README.md").read_text()
+        assert f"(results/{name})" in README.read_text()
 
 
 SEED_FOLDERS = sorted(p.parent.name for p in RESULTS.glob("seed[0-9]*/train.log"))
 LENGTH_FOLDERS = sorted(p.parent.name for p in RESULTS.glob("budget/epochs*-seed*/train.log"))
+
+
+def seed_of(folder):
+    """The seed of a headline folder: results/ is seed 0, results/seedN/ seed N."""
+    return folder[len("seed"):] if folder != "." else "0"
 
 
 def settings_other_than(log, command):
@@ -59,29 +69,24 @@ def test_the_committed_logs_ran_the_current_defaults(folder):
     # a change to a default changes what the README's command computes: the headline must then be
     # re-run; results/seedN/ holds the same command with --seed N
     log = (RESULTS / folder / "train.log").read_text()
-    seed = folder[len("seed"):] if folder != "." else "0"
+    seed = seed_of(folder)
     differ = settings_other_than(log, ["--data-dir", "../shared/cifar10-jpeg", "--seed", seed])
     assert not differ, (f"results/{folder}/train.log ran other settings than the defaults "
                         f"(logged, default): {differ}")
     final = final_accuracy_text(log)
     row = rf"^\| seed {seed} \(.*?\) \| (\*\*)?{re.escape(final)}%(\*\*)? \|"
-    readme = (ROOT / "README.md").read_text()
+    readme = README.read_text()
     assert re.search(row, readme, re.M), f"README's row for seed {seed} lacks {final}%"
-
-
-def metrics_rows(folder):
-    with open(RESULTS / folder / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize("folder", ["."] + SEED_FOLDERS)
 def test_the_results_table_row_is_its_metrics(folder):
     # best (epoch) and the first epoch at 85%, as README's Results table gives them
-    seed = folder[len("seed"):] if folder != "." else "0"
+    seed = seed_of(folder)
     rows = metrics_rows(folder)
     best = max(rows, key=lambda r: float(r["test_acc"]))  # the first of equals, as the log says
     first_85 = next((r["epoch"] for r in rows if float(r["test_acc"]) >= 85), None)
-    readme = (ROOT / "README.md").read_text()
+    readme = README.read_text()
     row = re.search(rf"^\| seed {seed} \(.*$", readme.split("## Results")[1], re.M).group(0)
     cells = [cell.strip() for cell in row.split("|")[2:-1]]
     assert f"{float(best['test_acc']):.2f}% ({best['epoch']})" in cells, row
@@ -92,11 +97,11 @@ def test_the_results_table_row_is_its_metrics(folder):
 def test_readme_quotes_the_per_class_line_of_the_committed_log():
     log = (RESULTS / "train.log").read_text()
     per_class = re.search(r"^Per-class accuracy: .*$", log, re.M).group(0)
-    assert per_class in (ROOT / "README.md").read_text()
+    assert per_class in README.read_text()
 
 
 def test_the_recipe_table_gives_the_default_length():
-    readme = (ROOT / "README.md").read_text()
+    readme = README.read_text()
     row = re.search(r"^\| epochs \| (\d+) \|", readme.split("## Training recipe")[1], re.M)
     assert row.group(1) == str(exp.build_parser().parse_args([]).epochs)
 
@@ -132,7 +137,7 @@ def test_each_run_of_another_length_is_the_default_command_with_its_epochs_and_s
 
 
 def test_the_table_of_training_lengths_quotes_every_run_and_each_five_seeds_mean():
-    readme = (ROOT / "README.md").read_text()
+    readme = README.read_text()
     table = readme.split("### Training lengths")[1].split("\n## ")[0]
     for epochs, finals in runs_by_length().items():
         row = re.search(rf"^\| {epochs}\b.*$", table, re.M)
@@ -149,7 +154,7 @@ def test_the_table_of_training_lengths_quotes_every_run_and_each_five_seeds_mean
 def test_the_docstring_headline_is_the_readmes():
     docstring = re.search(r"(\d+\.\d\d)% \+- (\d\.\d\d) test accuracy over five seeds", exp.__doc__)
     mean, sd = docstring.groups()
-    assert f"**{mean}% ± {sd}**" in (ROOT / "README.md").read_text().split("## Two commands")[0]
+    assert f"**{mean}% ± {sd}**" in README.read_text().split("## Two commands")[0]
 
 
 def final_accuracy(folder):
@@ -160,7 +165,7 @@ def test_the_readme_headline_is_the_mean_and_sd_of_the_committed_seed_logs():
     finals = [final_accuracy(folder) for folder in ["."] + SEED_FOLDERS]
     assert len(finals) == 5
     headline = f"{statistics.mean(finals):.2f}% ± {statistics.stdev(finals):.2f}"
-    readme = (ROOT / "README.md").read_text()
+    readme = README.read_text()
     assert f"**{headline}**" in readme.split("## Two commands")[0]
     # every mean ± sd quoted is that of five committed runs of one length
     fives = {mean_and_sd(f.values()) for f in runs_by_length().values() if len(f) == 5}
@@ -169,7 +174,7 @@ def test_the_readme_headline_is_the_mean_and_sd_of_the_committed_seed_logs():
 
 def test_every_file_in_results_is_linked_from_a_readme():
     linked = set()
-    for readme in [ROOT / "README.md", *RESULTS.rglob("README.md")]:
+    for readme in [README, *RESULTS.rglob("README.md")]:
         for target in re.findall(r"\]\(([^)#\s]+)\)", readme.read_text()):
             linked.add((readme.parent / target).resolve())
     files = {p.resolve() for p in RESULTS.rglob("*") if p.is_file() and p.name != "README.md"}
