@@ -13,21 +13,141 @@ dilated convs, global average pooling) trained with Albumentations augmentation
 Defaults: 85.61% +- 0.27 test accuracy over five seeds on a JPEG copy of CIFAR-10 (100 epochs); the
 runs, their logs and the reasons for each default are in README.md.
 """
-import argparse
 import contextlib
+import os
+import signal
+import sys
+
+# -----------------------------------------------------------------------------
+# Stopping: Ctrl-C, SIGTERM (docker stop, Slurm, systemd) and a closed terminal (SIGHUP), sent to
+# this process or its whole group, from the first line to the exit. First in the file, so that
+# the seconds the imports below take are covered too.
+
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+if hasattr(signal, "SIGHUP"):  # not on Windows
+    STOP_SIGNALS[signal.SIGHUP] = "SIGHUP (the terminal closed)"
+
+
+class Stopped(Exception):
+    """A stop signal, acted on at a point where the run can stop cleanly."""
+
+    def __init__(self, signum):
+        self.name, self.status = STOP_SIGNALS[signum], 128 + signum  # 130 Ctrl-C, 143 SIGTERM
+        super().__init__(self.name)
+
+
+class Stop:
+    """The handler only notes a signal; the run acts on it where it chooses (`check`: between
+    batches, evaluation batches, pictures and saves), so nothing is ever raised inside a library's
+    callback or a DataLoader's set-up, and a save under way is finished. A second signal ends the
+    process at once; so does the first while nothing is under way that must finish (`at_once`:
+    the imports, decoding data, a download, the modes that write nothing, the end). Ending at
+    once removes the `leftovers`: the temporary of a file being written, a run folder made for a
+    run that wrote nothing."""
+
+    arrivals = None  # the read end of the wakeup pipe: one byte per signal delivered
+
+    def __init__(self, log=None):
+        self.log, self.noted, self.at_once, self.leftovers = log, None, True, []
+        self.owner = os.getpid()
+
+    def start(self, log=None):
+        """Takes the stop signals for this process, with the log of the run that begins."""
+        self.__init__(log)
+        for sig in STOP_SIGNALS:
+            if sig == getattr(signal, "SIGHUP", None) and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # started with nohup: the run is to outlive the terminal
+            signal.signal(sig, self.note)
+        if self.arrivals is None:
+            with contextlib.suppress(ValueError):  # only the main thread may set the pipe
+                read, write = os.pipe()
+                os.set_blocking(read, False)
+                os.set_blocking(write, False)
+                signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+                Stop.arrivals = read
+
+    def note(self, signum, frame):
+        if os.getpid() != self.owner:  # a worker process, forked before it ignores the signals
+            return
+        second = self.noted is not None or self.deliveries() > 1
+        self.noted = signum
+        if self.at_once or second:
+            self.end_now(signum)
+
+    def deliveries(self):
+        """Signals delivered since the last call. Two presses of Ctrl-C during one long C call
+        run the handler once, but each writes a byte to the wakeup pipe."""
+        with contextlib.suppress(OSError, TypeError):  # none pending, or no pipe
+            return len(os.read(self.arrivals, 64))
+        return 1
+
+    def check(self):
+        if self.noted is not None:
+            raise Stopped(self.noted)
+
+    def end_now(self, signum):
+        self.remove_leftovers()
+        stopped = Stopped(signum)
+        where = self.log.where_it_stopped() if self.log else "nothing was written"
+        line = f"interrupted by {stopped.name}: {where}"
+        if self.log:
+            self.log.end(line, after_a_signal=True)
+        else:
+            with contextlib.suppress(OSError, ValueError):
+                print("\n" + line, file=sys.stderr)
+        self.exit(stopped.status)
+
+    def remove_leftovers(self):
+        for path in reversed(self.leftovers):
+            with contextlib.suppress(OSError):  # a folder goes only if nothing was written in it
+                if os.path.isdir(path):
+                    os.rmdir(path)
+                else:
+                    os.remove(path)
+        self.leftovers.clear()
+
+    @staticmethod
+    def exit(status):
+        """Ends the process at once rather than through the interpreter's shutdown: seconds of
+        torch's teardown, during which the default handlers are back and a signal would end the
+        process without a line."""
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(status)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def held_from_workers():
+        """While worker processes start: they inherit the blocked signals, set them to be
+        ignored (start_worker) and then unblock them, so that a signal to the whole group never
+        reaches a worker before that. This process gets them when the block ends."""
+        if not hasattr(signal, "pthread_sigmask"):  # Windows
+            yield
+            return
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+STOP = Stop()
+if __name__ == "__main__":
+    STOP.start()
+
+import argparse
 import copy
 import csv
 import functools
 import hashlib
 import io
+import logging
 import math
-import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -71,7 +191,6 @@ MODE_FLAGS = {
                   "compile"},
     "summary": {"summary"},
 }
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # Ctrl-C; docker stop, Slurm, systemd
 SAVE_FAILED = 74  # exit status when a file of the run cannot be written (sysexits' EX_IOERR)
 
 
@@ -80,8 +199,8 @@ def build_parser():
                       formatter_class=HelpFormatter,
                       epilog=f"exit status: 0 done; 2 a mistake to fix, said in one line; "
                       f"{SAVE_FAILED} a file of the run could not be written (a full disk), the "
-                      "line says what is saved; 130 or 143 stopped by Ctrl-C or SIGTERM, the "
-                      "line says what is saved and how to continue")
+                      "line says what is saved; 130, 143 or 129 stopped by Ctrl-C, SIGTERM or a "
+                      "closed terminal (SIGHUP), the line says what is saved and how to continue")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive(int), default=100, help="passes over the training set")
     g.add_argument("--batch-size", type=positive(int), default=64, help="images per step")
@@ -146,7 +265,8 @@ def add_run_flags(p):
                    help="replace the results in an existing --out folder; with --resume: "
                    "allow resuming from an earlier epoch than the run's latest")
     g.add_argument("--log-every", type=positive(int), default=100,
-                   help="batches between train log lines")
+                   help="batches between train log lines; after each epoch's line, one more "
+                   "gives its time and the time left")
     g = p.add_argument_group("modes")
     modes = g.add_mutually_exclusive_group()
     modes.add_argument("--resume", type=Path, metavar="CKPT",
@@ -183,6 +303,8 @@ def to_rgb(im, path, notes):
     if im.mode == "RGB":
         return im
     notes.setdefault("converted to RGB", []).append(path)
+    if im.mode == "P" and "transparency" in im.info:  # through RGBA, as Pillow asks
+        im = im.convert("RGBA")
     if im.mode.startswith("I;16") or (im.mode == "I" and np.asarray(im).max() > 255):
         wide = np.asarray(im, dtype=np.float64) * (255 / 65535)
         im = Image.fromarray(np.rint(wide).clip(0, 255).astype(np.uint8))
@@ -205,6 +327,9 @@ def read_image(path, notes, digest=None):
                 notes.setdefault("resized to 32x32", []).append(path)
                 im = im.resize((32, 32), Image.BILINEAR, reducing_gap=None)
             return np.asarray(im, dtype=np.uint8)
+    except Image.UnidentifiedImageError:
+        what = "the file is empty" if not data else "not an image Pillow can read, or damaged"
+        raise UserError(f"cannot read image {path}: {what}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
@@ -292,8 +417,8 @@ def load_torchvision(data_dir, limit, splits, digest):
     return out
 
 
-def is_image_folder(data_dir):
-    return (data_dir / "train").is_dir() and (data_dir / "test").is_dir()
+def is_image_folder(data_dir, splits=("train", "test")):
+    return all((data_dir / split).is_dir() for split in splits)
 
 
 def is_torchvision_folder(data_dir):
@@ -301,14 +426,14 @@ def is_torchvision_folder(data_dir):
             or (data_dir / "cifar-10-python.tar.gz").is_file())
 
 
-def holds_cifar10(data_dir):
-    return is_image_folder(data_dir) or is_torchvision_folder(data_dir)
+def holds_cifar10(data_dir, splits=("train", "test")):
+    return is_image_folder(data_dir, splits) or is_torchvision_folder(data_dir)
 
 
-def check_data_dir(data_dir):
+def check_data_dir(data_dir, splits):
     """Refuses a --data-dir that is neither a CIFAR-10 copy nor a place to download one."""
     try:
-        if holds_cifar10(data_dir):
+        if holds_cifar10(data_dir, splits):
             return
         if data_dir.is_file() or (data_dir.is_dir() and any(data_dir.iterdir())):
             raise UserError(f"{data_dir} is not a CIFAR-10 folder: expected DIR/train/<class>/ "
@@ -344,11 +469,11 @@ class Loaded(NamedTuple):
 def load_cifar10(data_dir, limit=None, val=None, splits=("train", "test")):
     """The splits asked for (with --val: 'train' and 'val'), decoded."""
     data_dir = Path(data_dir)
-    check_data_dir(data_dir)
-    notes, digest = {}, hashlib.sha256()
     if val:
         splits = ("train",)  # the test set stays untouched, not even decoded
-    if is_image_folder(data_dir):
+    check_data_dir(data_dir, splits)
+    notes, digest = {}, hashlib.sha256()
+    if is_image_folder(data_dir, splits):
         loaded = {s: load_image_folder(data_dir / s, limit, notes, digest) for s in splits}
         kind = "ImageFolder"
     else:
@@ -510,6 +635,8 @@ class TrainLoader:
     def __init__(self, dataset, batch_size, seed, workers, device):
         self.batches = EpochBatches(len(dataset), batch_size, seed, in_process=workers == 0)
         if workers:
+            # more workers than CPUs is said in the run's notes (make_runtime), not by torch
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
             # each worker augments on one thread: OpenCV's pool of a thread per core, in each of
             # many workers, fights for the cores. Set before they start: forked workers inherit
             # it (reconfiguring OpenCV after a fork can hang), spawned ones read the variable
@@ -537,10 +664,14 @@ class TrainLoader:
 
 
 def start_worker(worker_id):
-    """Worker processes leave Ctrl-C and SIGTERM to the training process: a terminal, docker stop
-    or Slurm signal every process of the job."""
+    """Worker processes leave the stop signals to the training process (a terminal, docker stop
+    or Slurm signal every process of the job), and end with it even when it is killed outright:
+    else they would hold its run folder's lock, which they inherit, for seconds."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if sys.platform == "linux":
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
@@ -721,7 +852,7 @@ def training_step(training, runtime, x, y):
     return loss.detach(), out
 
 
-def train_one_epoch(training, loader, runtime, epoch, log, log_every, stop):
+def train_one_epoch(training, loader, runtime, epoch, log, log_every):
     """One pass over the loader. Logs the loss and accuracy of every log_every batches; returns
     (mean loss, accuracy %) over the epoch's batches. A stop signal is acted on between batches."""
     training.forward.train()
@@ -730,7 +861,7 @@ def train_one_epoch(training, loader, runtime, epoch, log, log_every, stop):
     window_correct = torch.zeros((), device=runtime.device, dtype=torch.long)
     window_seen, total_loss, total_correct, total_seen = 0, 0.0, 0, 0
     for batch, (x, y) in enumerate(loader, 1):
-        stop.check()
+        STOP.check()
         x, y = runtime.prepare(x, y)
         loss, out = training_step(training, runtime, x, y)
         i = (batch - 1) % log_every
@@ -764,6 +895,7 @@ def evaluate(model, images, labels, runtime, flip_average=False):
     model.eval()
     loss, preds = 0.0, []
     for start in range(0, len(labels), EVAL_BATCH):
+        STOP.check()  # 10,000 images take 20 s on a slow CPU: past docker stop's 10 s grace
         batch = slice(start, start + EVAL_BATCH)
         x, y = runtime.prepare(images[batch], labels[batch])
         with runtime.autocast():
@@ -818,6 +950,8 @@ def stepped_module(model, runtime, compiled, batch_size):
     """What the training step calls. On a GPU this net's batch-64 step is bound by launching its
     ~200 small kernels, not by computing them: a CUDA graph launches each pass at once."""
     if compiled:
+        # on a CPU, where a CUDA toolkit is installed, torch says it found no CUDA runtime
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         return torch.compile(model, mode="reduce-overhead" if runtime.cuda_graphs else "default")
     if not runtime.cuda_graphs:
         return model
@@ -852,6 +986,7 @@ def write_atomically(path, data):
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        STOP.leftovers.append(tmp)  # a process ended at once while writing removes it
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):  # mkstemp's file is private; the run's files follow umask
                 os.fchmod(f.fileno(), 0o666 & ~umask())
@@ -865,6 +1000,7 @@ def write_atomically(path, data):
         if tmp:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+            STOP.leftovers.remove(tmp)
 
 
 @functools.cache
@@ -912,12 +1048,22 @@ def checkpoint_state(training, history, args, runtime, data):
 
 def read_checkpoint(path):
     """The checkpoint's dict, or one line saying why the file is not one."""
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except OSError as e:  # a name too long, ...
+        raise UserError(f"checkpoint {path}: {e.strerror}") from None
+    if not exists:
         raise UserError(f"checkpoint {path} does not exist")
-    if not path.is_file():
+    if not is_file:
         raise UserError(f"checkpoint {path} is not a file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if zipfile.is_zipfile(path):  # torch.save writes a zip archive; torch does not check
+            with zipfile.ZipFile(path) as archive:  # its CRCs, so a flipped bit would load
+                if archive.testzip() is not None:
+                    raise zipfile.BadZipFile("a CRC check fails")
+        with warnings.catch_warnings():  # an old pickle: torch warns before it refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many kinds for files that are not checkpoints
         raise UserError(f"{path} is not a loadable checkpoint: {unloadable(path, e)}") from None
     if (not isinstance(state, dict) or not isinstance(state.get("model"), dict)
@@ -1099,7 +1245,7 @@ def write_metrics(out, history):
     write_atomically(out / "metrics.csv", text.getvalue().encode())
 
 
-def report(out, history, split, eval_split, preds, log, stop):
+def report(out, history, split, eval_split, preds, log):
     """The final lines of the log and the three pictures."""
     final, top = history[-1], max(history, key=lambda h: h["test_acc"])
     reached = next((h for h in history if h["test_acc"] >= 85.0), None)
@@ -1116,11 +1262,11 @@ def report(out, history, split, eval_split, preds, log, stop):
                 "misclassified.png": lambda: plot_misclassified(images, labels, preds, split)}
     for name, draw in pictures.items():
         save_figure(draw(), out / name)
-        stop.check()
+        STOP.check()
     per_class = [f"{c} {100 * confusion[i, i] / confusion[i].sum():.1f}%" if confusion[i].sum()
                  else f"{c} (no images)" for i, c in enumerate(CLASSES)]
     log("Per-class accuracy: " + ", ".join(per_class))
-    log(f"run folder: {out} ({', '.join(RUN_FILES)})")
+    log(f"run folder: {out} ({', '.join(n for n in RUN_FILES if (out / n).exists())})")
 
 
 # -----------------------------------------------------------------------------
@@ -1188,13 +1334,13 @@ def benchmark_pipeline(loader):
     return pipeline
 
 
-def benchmark_epoch(loader, runtime, training, test_split, stop):
+def benchmark_epoch(loader, runtime, training, test_split):
     """(training epoch img/s, evaluation img/s), each timed on the second of two passes: the
     first warms caches up and compiles."""
     test_images, test_labels = as_tensors(*test_split)
     for epoch in (1, 2):
         start = time.perf_counter()
-        train_one_epoch(training, loader.epoch(epoch), runtime, 1, lambda line: None, 100, stop)
+        train_one_epoch(training, loader.epoch(epoch), runtime, 1, lambda line: None, 100)
         epoch_rate = len(loader) * loader.batches.batch_size / (time.perf_counter() - start)
         start = time.perf_counter()
         evaluate(training.forward, test_images, test_labels, runtime)
@@ -1202,7 +1348,7 @@ def benchmark_epoch(loader, runtime, training, test_split, stop):
     return epoch_rate, eval_rate
 
 
-def benchmark(args, runtime, log, stop):
+def benchmark(args, runtime, log):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(runtime.precision, torch.float32)
     a = torch.randn(2048, 2048, device=runtime.device, dtype=dtype)
     matmul = rate(lambda: a @ a, runtime.device) * 2 * 2048**3 / 1e9
@@ -1230,7 +1376,7 @@ def benchmark(args, runtime, log, stop):
     loader = TrainLoader(dataset, args.batch_size, 0, args.workers, runtime.device)
     log(f"data pipeline alone (decoded arrays -> augment -> uint8 batches, "
         f"{args.workers} workers): {benchmark_pipeline(loader):.0f} img/s")
-    epoch, evaluation = benchmark_epoch(loader, runtime, training, splits["test"], stop)
+    epoch, evaluation = benchmark_epoch(loader, runtime, training, splits["test"])
     loader.close()
     log(f"training epoch end to end ({len(loader) * args.batch_size} images): {epoch:.0f} img/s")
     log(f"evaluation: {evaluation:.0f} img/s")
@@ -1281,6 +1427,9 @@ def make_runtime(args, log):
             "use it, so this runs on the CPU; install the torch build that matches the driver")
     if args.workers is None:
         args.workers = 0 if device.type == "cpu" else min(8, usable_cpus() // 2)
+    if args.workers > usable_cpus():
+        log(f"note: {args.workers} workers on {usable_cpus()} usable CPUs: more workers than "
+            "CPUs only slow the run")
     precision = resolve_precision(args.precision, device)
     channels_last = args.channels_last == "on" or (args.channels_last == "auto"
                                                    and device.type == "cpu")
@@ -1368,26 +1517,51 @@ def resumed_settings(args, given):
         raise UserError(f"{args.resume} holds weights but no training state to resume; "
                         "see --evaluate")
     if not (isinstance(state["epoch"], int) and isinstance(state["history"], list)
-            and isinstance(state["args"], dict)):
+            and isinstance(state["args"], dict) and isinstance(state.get("resolved", {}), dict)):
         raise UserError(f"{args.resume} holds a damaged training state")
-    saved = {k: v for k, v in state["args"].items() if k in vars(args) and k != "overwrite"}
-    saved.update(state.get("resolved", {}))  # 'auto' as the run resolved it
-    settings = argparse.Namespace(**{**vars(args), **saved,
-                                     **{k: getattr(args, k) for k in given}})
+    settings = checkpoint_settings(state, args.resume)
+    for name in given:
+        setattr(settings, name, getattr(args, name))
     # the folder the checkpoint really is in (through a symbolic link too) is the run's
     settings.resume = Path(os.path.realpath(args.resume))
     settings.out = settings.resume.parent
     check_folder_holds_the_run(settings.out, settings.resume, state)
-    settings.data_dir = settings.data_folder = Path(settings.data_dir)
-    if "data_dir" not in given and not holds_cifar10(settings.data_dir):
+    settings.data_folder = settings.data_dir
+    splits = ("train",) if settings.val else ("train", "test")
+    if "data_dir" not in given and not holds_cifar10(settings.data_dir, splits):
         # a relative --data-dir, resumed from another directory: found through its absolute path
         elsewhere = Path(state.get("data_dir_resolved", settings.data_dir))
-        if not holds_cifar10(elsewhere):
+        if not holds_cifar10(elsewhere, splits):
             raise UserError(f"the run's data (--data-dir {settings.data_dir}) is not found from "
                             "here; give --data-dir with where it is now")
         settings.data_folder = elsewhere
     check_rewind(settings, state)
+    threads = state.get("resolved", {}).get("threads")
+    if isinstance(threads, int) and threads > 0 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(threads)  # the run's own: on a CPU the count changes the numbers
     return settings, state
+
+
+def checkpoint_settings(state, path):
+    """The settings a checkpoint keeps, each checked as the parser checks its flag (a value
+    edited by hand is refused in one line), with 'auto' as the run resolved it."""
+    parser = build_parser()
+    parser.where = f"(a setting kept in {path})"
+    saved = {**state["args"], **state.get("resolved", {})}
+    argv = []
+    for action in parser._actions:
+        if action.dest in ("help", "resume", "evaluate", "summary", "benchmark", "tta",
+                           "overwrite") or action.dest not in saved:
+            continue
+        value = saved[action.dest]
+        if action.nargs == 0:  # a switch, as --compile and --no-compile
+            if not isinstance(value, bool):
+                raise UserError(f"{path} holds a damaged setting: {action.dest}={value!r}")
+            if value == action.const:
+                argv.append(action.option_strings[0])
+        elif value is not None or action.default is not None:
+            argv.append(f"{action.option_strings[0]}={value}")
+    return parser.parse_args(argv)
 
 
 def check_folder_holds_the_run(folder, checkpoint, state):
@@ -1403,7 +1577,7 @@ def check_folder_holds_the_run(folder, checkpoint, state):
                 others.add(torch.load(path, map_location="cpu", weights_only=True)["run_id"])
     log = folder / "train.log"
     if log.is_file():
-        others.update(re.findall(r"^run id: (\w+)$", log.read_text(errors="replace"), re.M))
+        others.update(re.findall(r"^run id: (\w+)$", read_log(log), re.M))
     others.discard(state["run_id"])
     if others:
         raise UserError(f"{folder} holds the files of another run (run id {sorted(others)[0]}) "
@@ -1411,19 +1585,29 @@ def check_folder_holds_the_run(folder, checkpoint, state):
                         f"overwrite them; move {checkpoint.name} into a folder of its own first")
 
 
+def read_log(path):
+    try:
+        return path.read_text(errors="replace")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+
+
 def check_rewind(args, state):
     """Resuming from an earlier epoch than the run's latest would rewrite the later ones."""
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, csv.Error):  # the checkpoint is what counts
         with open(args.out / "metrics.csv") as f:
             latest = max(len(list(csv.DictReader(f))), state["epoch"])
         if latest > state["epoch"] and not args.overwrite:
+            last = args.out / "last.pt"
+            other = "" if last.resolve() == args.resume else f"resume from {last}, or "
             raise UserError(f"{args.resume} holds epoch {state['epoch']}, but {args.out} holds "
-                            f"epochs up to {latest}: resuming from it would rewrite them; resume "
-                            f"from {args.out / 'last.pt'}, or add --overwrite to rewind the run")
+                            f"epochs up to {latest}: resuming from it would rewrite them; "
+                            f"{other}add --overwrite to rewind the run")
 
 
 def check_out_folder(out, data_folder):
-    """--out must be, or be able to become, a folder this user can write to, outside the data."""
+    """--out must be, or be able to become, a folder this user can write to, outside the data,
+    with no folder where the run writes a file."""
     data = Path(data_folder).resolve()
     if out.resolve() == data or data in out.resolve().parents:
         raise UserError(f"run folder {out} is inside the data folder {data_folder}: its files "
@@ -1436,6 +1620,10 @@ def check_out_folder(out, data_folder):
             raise UserError(f"--out {out}: {existing} is a file, not a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
             raise UserError(f"--out {out}: {existing} is not writable")
+        folders = [name for name in RUN_FILES if (out / name).is_dir()]
+        if folders:
+            raise UserError(f"{out / folders[0]} is a folder, where the run writes a file; "
+                            "move it away")
     except OSError as e:
         raise UserError(f"--out {out}: {e}") from None
 
@@ -1446,24 +1634,12 @@ def holds_results(folder):
     if any((folder / name).exists() for name in ("metrics.csv", "best.pt", "last.pt")):
         return True
     log = folder / "train.log"
-    return log.is_file() and bool(re.search(r"^Epoch \d+/\d+,", log.read_text(errors="replace"),
-                                            re.M))
-
-
-def check_new_run_folder(args):
-    if args.out is None:
-        check_out_folder(Path("runs"), args.data_folder)
-        return
-    check_out_folder(args.out, args.data_folder)
-    if args.out.is_dir() and holds_results(args.out) and not args.overwrite:
-        last = args.out / "last.pt"
-        how = f"use --resume {last} to continue or " if last.exists() else ""
-        raise UserError(f"run folder {args.out} already holds results; "
-                        f"{how}--overwrite to start over")
+    return log.is_file() and bool(re.search(r"^Epoch \d+/\d+,", read_log(log), re.M))
 
 
 def make_run_folder(args):
-    """Creates the run folder: --out, or runs/<date-time>."""
+    """Creates the run folder: --out, or runs/<date-time>. One it makes is removed again if the
+    run ends before it writes in it."""
     try:
         if args.out is None:
             stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -1471,35 +1647,44 @@ def make_run_folder(args):
                 out = stamp.with_name(f"{stamp.name}-{n}") if n > 1 else stamp
                 with contextlib.suppress(FileExistsError):
                     out.mkdir(parents=True)
+                    STOP.leftovers.append(out)
                     return out
             raise UserError(f"no free run folder name in runs/ for {stamp.name}; give --out")
-        args.out.mkdir(parents=True, exist_ok=True)
+        if not args.out.exists():
+            args.out.mkdir(parents=True)
+            STOP.leftovers.append(args.out)
         return args.out
     except OSError as e:
         raise UserError(f"cannot make the run folder {args.out or 'runs/'}: {e}") from None
 
 
-def hold_run_folder(folder, held, new_run):
-    """Locks the run folder for the whole run (released by `held`), so that a second run given
-    the same folder is refused; then clears what a killed run left (temporaries) and, for a new
-    run, an earlier run's files. Returns a note where this filesystem cannot lock."""
+def take_run_folder(args, held, resuming):
+    """Makes (a new run) and locks the run folder for the whole run (released by `held`), and
+    only then checks what it holds: of two runs given one folder, the second is refused rather
+    than both passing the check. Returns a note where this filesystem cannot lock."""
+    check_out_folder(args.out or Path("runs"), args.data_folder)
+    if not resuming:
+        args.out = make_run_folder(args)
     note = None
     try:
         import fcntl
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(args.out, os.O_RDONLY)
         held.callback(os.close, fd)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except ImportError:  # Windows
         note = "note: run folders are not locked on this system"
     except BlockingIOError:
-        raise UserError(f"run folder {folder} is in use by another run; give another --out, or "
-                        "wait for that run to end") from None
+        other = "" if resuming else "give another --out, or "
+        raise UserError(f"run folder {args.out} is in use by another run; {other}wait for that "
+                        "run to end") from None
     except OSError as e:  # some network filesystems cannot lock
         note = f"note: the run folder cannot be locked here ({e.strerror}); running without a lock"
-    remove_temporaries(folder)
-    if new_run:
-        for name in RUN_FILES:
-            (folder / name).unlink(missing_ok=True)
+    if not resuming and holds_results(args.out) and not args.overwrite:
+        last = args.out / "last.pt"
+        how = f"use --resume {last} to continue or " if last.exists() else ""
+        raise UserError(f"run folder {args.out} already holds results; "
+                        f"{how}--overwrite to start over")
+    remove_temporaries(args.out)
     return note
 
 
@@ -1514,12 +1699,8 @@ class RunData(NamedTuple):
 
 
 def prepare_training(args, log):
-    """Everything that can go wrong before anything is written: runtime, folder, data, sizes."""
+    """The runtime, and the data with its checks: what can go wrong before training."""
     runtime = make_runtime(args, log)
-    if args.resume:
-        check_out_folder(args.out, args.data_folder)
-    else:
-        check_new_run_folder(args)
     splits, kind, notes, record = load_cifar10(args.data_folder, args.limit, args.val)
     split = "val" if args.val else "test"
     n_train = len(splits["train"][1])
@@ -1541,15 +1722,18 @@ def resume_notes(args, state, runtime, data):
                 f"no run id and no record of its data, so neither that {args.out} holds only this "
                 "run nor that the data is the run's own could be checked"]
     args.run_id = state["run_id"]
-    check_same_data(state["data"], data.record, args)
-    kept = state["resolved"]
-    now = resolved_settings(args, runtime)
-    return [f"note: --{k.replace('_', '-')} {now[k]} given anew (the run had {kept[k]}): from "
-            "here on the numbers differ from those of an uninterrupted run"
-            for k in kept if now[k] != kept[k]]
+    check_same_data(state.get("data"), data.record, args)
+    kept, now = state["resolved"], resolved_settings(args, runtime)
+    changed = [k for k in now if k in kept and now[k] != kept[k]]
+    return [f"note: {'OMP_NUM_THREADS=' if k == 'threads' else '--' + k.replace('_', '-') + ' '}"
+            f"{now[k]} given anew (the run had {kept[k]}): from here on the numbers differ from "
+            "those of an uninterrupted run" for k in changed]
 
 
 def check_same_data(saved, record, args):
+    if not (isinstance(saved, dict) and isinstance(saved.get("counts"), dict)
+            and isinstance(saved.get("sha256"), str)):
+        raise UserError(f"{args.resume} holds a damaged record of its data")
     for split, counts in saved["counts"].items():
         found = record["counts"].get(split)
         if found != counts:
@@ -1562,10 +1746,10 @@ def check_same_data(saved, record, args):
 
 
 def resolved_settings(args, runtime):
-    """The settings that change the numbers, as this run resolved them ('auto' made concrete):
-    a resumed run keeps them."""
+    """The settings that change the numbers, as this run resolved them ('auto' made concrete,
+    the CPU threads): a resumed run keeps them."""
     return {"precision": runtime.precision, "channels_last": "on" if runtime.channels_last
-            else "off", "workers": args.workers}
+            else "off", "workers": args.workers, "threads": torch.get_num_threads()}
 
 
 def log_header(args, runtime, data, log):
@@ -1581,17 +1765,17 @@ def log_header(args, runtime, data, log):
     log(f"run id: {args.run_id}")
 
 
-def train_epochs(args, training, runtime, data, history, log, stop):
+def train_epochs(args, training, runtime, data, history, log):
     """Trains the epochs after those in history; after each, saves and logs it. Returns the last
     evaluation's predictions (None if no epoch was left)."""
     images, labels = as_tensors(*data.eval_split)
     run_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
-    preds, name = None, data.split.capitalize()
+    preds, name, times = None, data.split.capitalize(), []
     for epoch in range(len(history) + 1, args.epochs + 1):
         epoch_start = time.perf_counter()
         try:
             train_loss, train_acc = train_one_epoch(training, data.loader.epoch(epoch), runtime,
-                                                    epoch, log, args.log_every, stop)
+                                                    epoch, log, args.log_every)
         except NonFiniteLoss as e:
             last = args.out / "last.pt"
             raise UserError(f"{e}; stopped. The last good checkpoint is "
@@ -1615,13 +1799,33 @@ def train_epochs(args, training, runtime, data, history, log, stop):
         log(f"Epoch {epoch}/{args.epochs}, Train Loss: {train_loss:.4f}, "
             f"Train Accuracy: {train_acc:.2f}%, {name} Loss: {test_loss:.4f}, "
             f"{name} Accuracy: {test_acc:.2f}%")
-        stop.check()
+        times.append(history[-1]["epoch_s"])
+        log(time_left(epoch, args.epochs, times))
+        STOP.check()
     return preds
 
 
-def train(args, resume_state, log, stop):
+def time_left(epoch, epochs, times):
+    """'epoch 12 took 25.1 s; about 37 min left (done near 14:52)'. The estimate is the mean of
+    this process's epochs but its first (which warms up), or the first while it is the only one."""
+    line = f"epoch {epoch} took {times[-1]:.1f} s"
+    if epoch == epochs:
+        return line
+    typical = times[1:] or times
+    left = (epochs - epoch) * sum(typical) / len(typical)
+    span = (f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 90 * 60
+            else f"{left / 3600:.1f} h")
+    done = time.localtime(time.time() + left)
+    clock = time.strftime("%H:%M" if done.tm_yday == time.localtime().tm_yday else "%a %H:%M",
+                          done)
+    return f"{line}; about {span} left (done near {clock})"
+
+
+def train(args, resume_state, log):
     with contextlib.ExitStack() as held:  # the run folder's lock
-        notes = [hold_run_folder(args.out, held, new_run=False)] if resume_state else []
+        notes = [take_run_folder(args, held, resuming=bool(resume_state))]
+        if resume_state:  # from here on, what an interruption's message says goes there too
+            log.open(args.out, append=True)
         runtime, data = prepare_training(args, log)
         training = make_training(args, runtime, args.epochs * len(data.loader), args.compile)
         history = []
@@ -1630,37 +1834,37 @@ def train(args, resume_state, log, stop):
             load_checkpoint(args.resume, training.model)
             history = restore_training(training, resume_state, args.resume)
         else:
-            args.out = make_run_folder(args)
-            notes.append(hold_run_folder(args.out, held, new_run=True))
+            for name in RUN_FILES:  # an earlier run's, with --overwrite
+                (args.out / name).unlink(missing_ok=True)
             args.run_id = uuid.uuid4().hex[:12]
-        log.open(args.out, append=bool(resume_state))
+            log.open(args.out, append=False)
         log_header(args, runtime, data, log)
         log(f"Total trainable parameters: {count_parameters(training.model)}")
         for note in filter(None, notes):
             log(note)
         if resume_state:
             log(f"resumed from {args.resume} after epoch {len(history)}")
-        train_and_report(args, training, runtime, data, history, log, stop)
+        train_and_report(args, training, runtime, data, history, log)
 
 
-def train_and_report(args, training, runtime, data, history, log, stop):
+def train_and_report(args, training, runtime, data, history, log):
     picture = args.out / "augmentations.png"
     if not picture.exists():  # a resumed run keeps the one drawn at its start
         samples = augmentation_samples(*data.train_split, args)
         save_figure(plot_augmentations(samples, args), picture)
-    stop.at_once = False  # from here on a signal waits for the batch or the save under way
+    STOP.at_once = False  # from here on a signal waits for the batch or the save under way
     try:
-        preds = train_epochs(args, training, runtime, data, history, log, stop)
+        preds = train_epochs(args, training, runtime, data, history, log)
     finally:
         data.loader.close()
     if preds is None:  # a finished run, resumed to write its report again
         evaluated = training.ema.model if training.ema else training.model
         _, _, preds = evaluate(evaluated, *as_tensors(*data.eval_split), runtime)
-    report(args.out, history, data.split, data.eval_split, preds.numpy(), log, stop)
+    report(args.out, history, data.split, data.eval_split, preds.numpy(), log)
     log.finished = True
 
 
-def run(args, given, log, stop):
+def run(args, given, log):
     """Chooses the mode."""
     check_flags(args, given)
     for mode in ("summary", "evaluate", "benchmark"):
@@ -1673,14 +1877,13 @@ def run(args, given, log, stop):
     if args.benchmark:
         runtime = make_runtime(args, log)
         log(describe(runtime))
-        return benchmark(args, runtime, log, stop)
+        return benchmark(args, runtime, log)
     resume_state = None
     if args.resume:
         args, resume_state = resumed_settings(args, given)
-        log.folder = args.out  # what an interruption's message reads from now on
     else:
         args.data_folder = args.data_dir
-    return train(args, resume_state, log, stop)
+    return train(args, resume_state, log)
 
 
 # -----------------------------------------------------------------------------
@@ -1699,8 +1902,10 @@ class SaveFailed(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
+    where = "(see --help)"  # what a mistake points to: the flags, or a checkpoint's settings
+
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        raise UserError(f"{message} {self.where}")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -1801,8 +2006,13 @@ class RunLog:
                 pass
 
     def open(self, folder, append):
+        """From here on the lines go to folder/train.log too, and an interruption's message
+        reads what the folder holds."""
         self.folder = folder
-        self.file = open(folder / "train.log", "a" if append else "w")
+        try:
+            self.file = open(folder / "train.log", "a" if append else "w")
+        except OSError as e:  # no inode left, a train.log this user may not write
+            raise SaveFailed(folder / "train.log", e) from None
 
     def end(self, line, after_a_signal=False):
         """The line that ends the run: on stderr, and in train.log where it can still be written.
@@ -1814,13 +2024,16 @@ class RunLog:
         if self.file:
             with contextlib.suppress(OSError):
                 self.file.close()
+            self.file = None
 
     def where_it_stopped(self):
         """What the run folder holds, read from disk, and how to continue."""
         if self.mode != "train":
             return f"{self.mode} stopped; it writes nothing"
-        last = self.folder / "last.pt" if self.folder else None
-        saved = saved_epochs(last) if last else None
+        if self.folder is None:  # the run folder is not yet this run's
+            return "nothing was written"
+        last = self.folder / "last.pt"
+        saved = saved_epochs(last)
         if not saved:
             return "no epoch had finished, nothing to resume"
         epoch, epochs = saved
@@ -1844,83 +2057,37 @@ def saved_epochs(last):
 
 
 def resume_command(last):
-    """The command that continues the run, as it can be pasted into a shell here."""
+    """The command that continues the run, as it can be pasted into a shell in any folder."""
     script = sys.argv[0] if os.path.isfile(sys.argv[0]) else __file__
-    return shlex.join([sys.executable, script, "--resume", str(last)])
-
-
-class Stopped(Exception):
-    """A stop signal, acted on at a point where the run can stop cleanly."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-        self.status = 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM
-
-
-class Stop:
-    """Ctrl-C and SIGTERM (a terminal, docker stop, Slurm, systemd; to this process or its whole
-    group). The handler only notes the signal; the run acts on it where it chooses (`check`:
-    between batches, pictures and saves), so nothing is ever raised inside a library's callback
-    or a DataLoader's set-up, and a save under way is finished. A second signal ends the process
-    at once; so does the first while nothing is under way that must finish (`at_once`: decoding
-    data, a download, the modes that write nothing, the end of the run)."""
-
-    def __init__(self, log):
-        self.log, self.noted, self.at_once, self.owner = log, None, True, os.getpid()
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self.note)
-
-    def note(self, signum, frame):
-        if os.getpid() != self.owner:  # a worker process, forked before it ignores the signals
-            return
-        second = self.noted is not None
-        self.noted = signum
-        if self.at_once or second:
-            stopped = Stopped(signum)
-            self.log.end(f"interrupted by {stopped.name}: {self.log.where_it_stopped()}", True)
-            os._exit(stopped.status)
-
-    def check(self):
-        if self.noted is not None:
-            raise Stopped(self.noted)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def held_from_workers():
-        """While worker processes start: they inherit the blocked signals, set both to be
-        ignored (start_worker) and then unblock them, so that a signal to the whole group never
-        reaches a worker before that. This process gets them when the block ends."""
-        if not hasattr(signal, "pthread_sigmask"):  # Windows
-            yield
-            return
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return shlex.join([sys.executable, os.path.abspath(script), "--resume",
+                       os.path.abspath(last)])
 
 
 def main(argv=None):
+    """Runs the script on the command line argv; returns its exit status."""
     log = RunLog()
-    stop = Stop(log)
+    STOP.start(log)
     try:
         args, given = parse_command_line(argv)
-        run(args, given, log, stop)
-        stop.check()  # a signal in the run's last moments still ends it as a stop
+        run(args, given, log)
+        STOP.check()  # a signal in the run's last moments still ends it as a stop
+        return 0
+    except SystemExit as e:  # --help
+        return e.code
     except UserError as e:
         log.end(f"error: {e}")
-        sys.exit(2)
+        return 2
     except SaveFailed as e:
         log.end(f"error: {e}; {log.where_it_stopped()}")
-        sys.exit(SAVE_FAILED)
+        return SAVE_FAILED
     except Stopped as e:
         log.end(f"interrupted by {e.name}: {log.where_it_stopped()}", after_a_signal=True)
-        sys.exit(e.status)
+        return e.status
     finally:
-        stop.at_once = True  # all is saved: a signal from here on ends the process at once
+        STOP.at_once = True  # all is saved: a signal from here on ends the process at once
+        STOP.remove_leftovers()
         log.close()
 
 
 if __name__ == "__main__":
-    main()
+    STOP.exit(main())
