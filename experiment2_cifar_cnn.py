@@ -1815,9 +1815,10 @@ def time_left(epoch, epochs, times):
     left = (epochs - epoch) * sum(typical) / len(typical)
     span = (f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 90 * 60
             else f"{left / 3600:.1f} h")
-    done = time.localtime(time.time() + left)
-    clock = time.strftime("%H:%M" if done.tm_yday == time.localtime().tm_yday else "%a %H:%M",
-                          done)
+    now = time.time()
+    done = time.localtime(now + left)
+    same_day = done.tm_yday == time.localtime(now).tm_yday
+    clock = time.strftime("%H:%M" if same_day else "%a %H:%M", done)
     return f"{line}; about {span} left (done near {clock})"
 
 

@@ -1,7 +1,14 @@
+"""What the tests share: the script imported, tiny image folders, the script run in this process,
+and runs made once per test session that tests copy instead of training their own."""
+import contextlib
+import csv
+import io
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -16,10 +23,12 @@ import experiment2_cifar_cnn as exp  # noqa: E402
 JPEG_COPY = ROOT.parent / "shared" / "cifar10-jpeg"
 needs_jpeg_copy = pytest.mark.skipif(not (JPEG_COPY / "train").is_dir(),
                                      reason=f"{JPEG_COPY} not present")
+# how most tests train: on the tiny folder (40 training images, 20 test), 3 epochs of 2 steps
+RUN = ["--epochs", 3, "--batch-size", 20, "--seed", 7, "--workers", 0]
 
 
 def make_image_folder(root, per_class=(20, 10), size=32):
-    """A tiny ImageFolder tree: each class a distinct colour plus noise, so it is learnable."""
+    """A small ImageFolder tree: each class a distinct colour plus noise, so it is learnable."""
     rng = np.random.default_rng(0)
     for split, n in zip(("train", "test"), per_class):
         for c, name in enumerate(exp.CLASSES):
@@ -32,9 +41,70 @@ def make_image_folder(root, per_class=(20, 10), size=32):
     return root
 
 
+class Ended(NamedTuple):
+    status: int
+    out: str
+    err: str
+
+
+def run_main(args):
+    """The script run in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = exp.main([str(a) for a in args])
+    return Ended(status, out.getvalue(), err.getvalue())
+
+
+def refused(args, expected):
+    """Runs args, which must end in one line on stderr with exit status 2; returns the line."""
+    ended = run_main(args)
+    err = ended.err.strip()
+    assert ended.status == 2, ended
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert expected in err, err
+    return err
+
+
+def trains(args):
+    """Runs args, which must end with exit status 0; returns stdout."""
+    ended = run_main(args)
+    assert ended.status == 0, ended.err
+    return ended.out
+
+
+def metrics(folder):
+    """metrics.csv without its time columns."""
+    with open(folder / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in csv.DictReader(f)]
+
+
+def stopped_in_epoch(epoch, monkeypatch):
+    """train_one_epoch interrupted, as by Ctrl-C, at the start of the given epoch."""
+    real = exp.train_one_epoch
+
+    def cut(training, loader, runtime, at, *rest):
+        if at == epoch:
+            raise exp.Stopped(signal.SIGINT)
+        return real(training, loader, runtime, at, *rest)
+    monkeypatch.setattr(exp, "train_one_epoch", cut)
+
+
+def quick_pictures(monkeypatch):
+    """Blank pictures instead of the real ones, which take seconds to draw here: written through
+    the same code, at the same moments. The pictures themselves are tested on the session's
+    finished run and in test_augment.py."""
+    for name in ("plot_augmentations", "plot_curves", "plot_confusion", "plot_misclassified"):
+        monkeypatch.setattr(exp, name, lambda *args: exp.pyplot().figure(figsize=(1, 1)))
+
+
+@pytest.fixture
+def quick(monkeypatch):
+    quick_pictures(monkeypatch)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
-    return make_image_folder(tmp_path / "tiny")
+    return make_image_folder(tmp_path / "images")
 
 
 @pytest.fixture
@@ -44,10 +114,57 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(CIFAR10, "url", (tmp_path / "nowhere" / "cifar-10-python.tar.gz").as_uri())
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The folder most runs train on (tests must not change it)."""
+    return make_image_folder(tmp_path_factory.mktemp("tiny") / "data", per_class=(4, 2))
+
+
+@pytest.fixture(scope="session")
+def finished(tiny, tmp_path_factory):
+    """A finished run of RUN, pictures included; copy it (copy_run) to change it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    trains(["--data-dir", tiny, "--out", out, *RUN])
+    return out
+
+
+@pytest.fixture(scope="session")
+def stopped(tiny, tmp_path_factory):
+    """Runs of RUN stopped by Ctrl-C in their second epoch: seed 7 ('a') and seed 8 ('b')."""
+    folder = tmp_path_factory.mktemp("stopped")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        quick_pictures(monkeypatch)
+        stopped_in_epoch(2, monkeypatch)
+        for name, seed in (("a", 7), ("b", 8)):
+            assert run_main(["--data-dir", tiny, "--out", folder / name, *RUN,
+                             "--seed", seed]).status == 130
+    return folder
+
+
+@pytest.fixture
+def copy_run(tmp_path):
+    """copy_run(folder, name="run"): a copy of a session run, to change."""
+    def copy(folder, name="run"):
+        return Path(shutil.copytree(folder, tmp_path / name, symlinks=True))
+    return copy
+
+
 @pytest.fixture(autouse=True)
-def signal_handlers_restored():
-    """exp.main installs its own SIGINT/SIGTERM handlers: pytest gets its own back after each."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+def stop_state_restored():
+    """main takes SIGINT, SIGTERM and SIGHUP and keeps state in exp.STOP: pytest gets its handlers
+    back and the next test a fresh STOP."""
+    saved = {sig: signal.getsignal(sig) for sig in exp.STOP_SIGNALS}
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+    exp.STOP.__init__()
+
+
+def pytest_collection_finish(session):
+    """Tests that fork script processes: their server imports the script (seconds) while the
+    first tests run."""
+    if any(item.module.__name__ == "test_signals" for item in session.items):
+        import multiprocessing.forkserver
+
+        import processes  # noqa: F401 (sets what the server imports)
+        multiprocessing.forkserver.ensure_running()

@@ -1,9 +1,10 @@
 """A battery of odd inputs: each completes correctly, or ends in one line on stderr with exit 2,
 before anything is written. (Interruptions: test_signals.py.)"""
 import csv
+import logging
 import os
 import shutil
-import signal
+import warnings
 import zipfile
 
 import numpy as np
@@ -11,24 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import exp, make_image_folder
+from conftest import RUN, exp, make_image_folder, refused, run_main, stopped_in_epoch, trains
 
-TINY = ["--epochs", 1, "--batch-size", 20, "--workers", 0]
-
-
-def fails(args, capsys, expected):
-    with pytest.raises(SystemExit) as e:
-        exp.main([str(a) for a in args])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert expected in err, err
-    return err
+pytestmark = pytest.mark.usefixtures("quick")  # blank pictures: see conftest.quick_pictures
+ONE_EPOCH = ["--epochs", 1, "--batch-size", 20, "--workers", 0]
 
 
-def trains(args, capsys):
-    exp.main([str(a) for a in args])
-    return capsys.readouterr().out
+def fails(args, expected):
+    return refused(args, expected)
 
 
 def rows(run):
@@ -49,19 +40,19 @@ def tree(tmp_path):
     ("--workers", -1), ("--ema", -0.5), ("--log-every", 0), ("--val", "0"),
     # finite as Python floats, but not in the float32 the step computes in
     ("--lr", "1e39"), ("--weight-decay", "1e300")])
-def test_flag_values_that_cannot_train_are_refused_by_the_parser(flag, value, capsys):
-    err = fails([flag, value], capsys, flag)
+def test_flag_values_that_cannot_train_are_refused_by_the_parser(flag, value):
+    err = fails([flag, value], flag)
     assert err.endswith("(see --help)")
 
 
-def test_a_fraction_where_a_whole_number_is_wanted(capsys):
-    fails(["--batch-size", "3.5"], capsys, "'3.5' is not a whole number")
+def test_a_fraction_where_a_whole_number_is_wanted():
+    fails(["--batch-size", "3.5"], "'3.5' is not a whole number")
 
 
-def test_a_log_interval_longer_than_an_epoch_costs_no_memory(image_folder, tmp_path, capsys):
+def test_a_log_interval_longer_than_an_epoch_costs_no_memory(tiny, tmp_path):
     # the window of per-batch losses is the epoch's length, not the flag's
-    out = trains(["--data-dir", image_folder, "--out", tmp_path / "run", *TINY,
-                  "--log-every", 10_000_000_000_000], capsys)
+    out = trains(["--data-dir", tiny, "--out", tmp_path / "run", *ONE_EPOCH,
+                  "--log-every", 10_000_000_000_000])
     assert "Epoch 1/1," in out and ", Batch " not in out
 
 
@@ -69,41 +60,41 @@ def test_a_log_interval_longer_than_an_epoch_costs_no_memory(image_folder, tmp_p
     (["--evaluate", "x.pt"], ["--val", 5, "--epochs", 2, "--lr", 0.1, "--seed", 1, "--out", "o"]),
     (["--benchmark"], ["--out", "o", "--epochs", 2]),
     (["--summary"], ["--seed", 1])])
-def test_every_mode_refuses_the_flags_it_does_not_use(mode, unused, capsys):
+def test_every_mode_refuses_the_flags_it_does_not_use(mode, unused):
     names = sorted(str(a) for a in unused if str(a).startswith("--"))
-    fails([*mode, *unused], capsys, f"{mode[0]} does not use {', '.join(names)}")
+    fails([*mode, *unused], f"{mode[0]} does not use {', '.join(names)}")
 
 
 @pytest.mark.parametrize("warmup", ["1", "0"])
-def test_warmup_at_either_end_trains(image_folder, tmp_path, capsys, warmup):
-    trains(["--data-dir", image_folder, "--out", tmp_path / "run", "--warmup", warmup, *TINY],
-           capsys)
+def test_warmup_at_either_end_trains(tiny, tmp_path, warmup):
+    # 10 steps: the schedule's value one step past its end is what the checkpoint keeps
+    trains(["--data-dir", tiny, "--out", tmp_path / "run", "--warmup", warmup, *ONE_EPOCH,
+            "--batch-size", 4])
     (epoch,) = rows(tmp_path / "run")
     assert float(epoch["train_loss"]) < 5
     lr = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
     assert all(group["lr"] < 0.01 for group in lr)  # annealed at the end either way
 
 
-def test_a_warmup_of_exactly_one_step_trains(image_folder, tmp_path, capsys):
-    # 200 images / batch 40 = 5 steps; 20% of 5 is one step, where OneCycleLR divided by zero
-    trains(["--data-dir", image_folder, "--out", tmp_path / "run", "--epochs", 1,
-            "--batch-size", 40, "--workers", 0], capsys)
+def test_a_warmup_of_exactly_one_step_trains(tiny, tmp_path):
+    # 40 images / batch 8 = 5 steps; 20% of 5 is one step, where OneCycleLR divided by zero
+    trains(["--data-dir", tiny, "--out", tmp_path / "run", "--epochs", 1, "--batch-size", 8,
+            "--workers", 0])
     assert len(rows(tmp_path / "run")) == 1
 
 
-def test_batch_larger_than_the_data_writes_nothing_and_a_retry_works(image_folder, tmp_path,
-                                                                     capsys):
+def test_batch_larger_than_the_data_writes_nothing_and_a_retry_works(tiny, tmp_path):
     run = tmp_path / "run"
-    fails(["--data-dir", image_folder, "--out", run, "--epochs", 1, "--batch-size", 500], capsys,
-          "--batch-size 500 is larger than the 200 training images")
+    fails(["--data-dir", tiny, "--out", run, "--epochs", 1, "--batch-size", 500],
+          "--batch-size 500 is larger than the 40 training images")
     assert not run.exists()
-    trains(["--data-dir", image_folder, "--out", run, *TINY], capsys)
+    trains(["--data-dir", tiny, "--out", run, *ONE_EPOCH])
     assert len(rows(run)) == 1
 
 
-def test_classes_without_test_images_print_no_nan(image_folder, tmp_path, capsys):
-    out = trains(["--data-dir", image_folder, "--out", tmp_path / "run", "--limit", 5,
-                  "--batch-size", 4, "--epochs", 1, "--workers", 0], capsys)
+def test_classes_without_test_images_print_no_nan(tiny, tmp_path):
+    out = trains(["--data-dir", tiny, "--out", tmp_path / "run", "--limit", 5,
+                  "--batch-size", 4, "--epochs", 1, "--workers", 0])
     per_class = next(line for line in out.splitlines() if line.startswith("Per-class"))
     assert "nan" not in per_class and "truck (no images)" in per_class
 
@@ -113,24 +104,24 @@ def test_classes_without_test_images_print_no_nan(image_folder, tmp_path, capsys
     (["--summary", "--benchmark"], "not allowed with argument"),
     (["--tta"], "--tta applies to --evaluate"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs CUDA")])
-def test_flag_combinations_that_cannot_work(combo, expected, image_folder, capsys):
-    fails([*combo, "--data-dir", image_folder], capsys, expected)
+def test_flag_combinations_that_cannot_work(combo, expected, tiny):
+    fails([*combo, "--data-dir", tiny], expected)
 
 
-def test_benchmark_with_fewer_images_than_a_batch(tmp_path, capsys):
-    fails(["--benchmark", "--data-dir", tmp_path / "none", "--limit", 20], capsys,
+def test_benchmark_with_fewer_images_than_a_batch(tmp_path):
+    fails(["--benchmark", "--data-dir", tmp_path / "none", "--limit", 20],
           "--benchmark needs at least --batch-size (64) training images")
 
 
 # ---- data
 
-def test_data_dir_that_is_a_file_or_under_one(tmp_path, capsys):
+def test_data_dir_that_is_a_file_or_under_one(tmp_path):
     (tmp_path / "file").write_text("x")
-    fails(["--data-dir", tmp_path / "file"], capsys, "is not a CIFAR-10 folder")
-    fails(["--data-dir", tmp_path / "file" / "sub"], capsys, "is a file, not a folder")
+    fails(["--data-dir", tmp_path / "file"], "is not a CIFAR-10 folder")
+    fails(["--data-dir", tmp_path / "file" / "sub"], "is a file, not a folder")
 
 
-def test_class_folder_that_cannot_be_read(tree, tmp_path, capsys, monkeypatch):
+def test_class_folder_that_cannot_be_read(tree, tmp_path, monkeypatch):
     real = os.scandir
 
     def scandir(path):
@@ -138,21 +129,29 @@ def test_class_folder_that_cannot_be_read(tree, tmp_path, capsys, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
     monkeypatch.setattr(os, "scandir", scandir)
-    fails(["--data-dir", tree, "--out", tmp_path / "run"], capsys, "Permission denied")
+    fails(["--data-dir", tree, "--out", tmp_path / "run"], "Permission denied")
     assert not (tmp_path / "run").exists()
 
 
-def test_class_entry_that_is_a_file(tree, capsys):
+def test_class_entry_that_is_a_file(tree):
     shutil.rmtree(tree / "train" / "cat")
     (tree / "train" / "cat").write_text("not a folder")
-    fails(["--data-dir", tree], capsys, "missing: cat")
+    fails(["--data-dir", tree], "missing: cat")
 
 
 @pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"GIF89a"])
-def test_image_files_that_are_empty_or_broken(tree, tmp_path, capsys, content):
+def test_image_files_that_are_empty_or_broken(tree, tmp_path, content):
     (tree / "test" / "dog" / "broken.png").write_bytes(content)
-    fails(["--data-dir", tree, "--out", tmp_path / "run"], capsys, "broken.png")
+    err = fails(["--data-dir", tree, "--out", tmp_path / "run"], "broken.png")
+    assert "BytesIO" not in err and ("the file is empty" in err) == (content == b"")
     assert not (tmp_path / "run").exists()
+
+
+def test_val_leaves_the_test_folder_unread_and_unneeded(tree, tmp_path):
+    shutil.rmtree(tree / "test")
+    out = trains(["--data-dir", tree, "--out", tmp_path / "run", "--val", 10, *ONE_EPOCH,
+                  "--batch-size", 10])
+    assert "30 train / 10 val images" in out
 
 
 def test_sixteen_bit_grayscale_png_looks_like_its_picture(tree):
@@ -166,7 +165,8 @@ def test_sixteen_bit_grayscale_png_looks_like_its_picture(tree):
     assert len(notes["converted to RGB"]) == 1
 
 
-def test_odd_entries_in_a_class_folder_are_skipped_or_converted(tree, capsys, tmp_path):
+@pytest.mark.filterwarnings("error")  # Pillow warns of a palette with transparency, if asked
+def test_odd_entries_in_a_class_folder_are_skipped_or_converted(tree, tmp_path):
     cat = tree / "train" / "cat"
     (cat / "folder.png").mkdir()
     (cat / "dangling.png").symlink_to(tmp_path / "nowhere.png")
@@ -178,13 +178,12 @@ def test_odd_entries_in_a_class_folder_are_skipped_or_converted(tree, capsys, tm
     assert [p.name for p in notes["resized to 32x32"]] == ["tiny_palette.png"]
 
 
-def test_evaluate_decodes_the_test_split_only(image_folder, tmp_path, capsys, monkeypatch):
-    trains(["--data-dir", image_folder, "--out", tmp_path / "run", *TINY], capsys)
+def test_evaluate_decodes_the_test_split_only(finished, tiny, monkeypatch):
     read = []
     real = exp.load_image_folder
     monkeypatch.setattr(exp, "load_image_folder",
                         lambda split_dir, *a: read.append(split_dir.name) or real(split_dir, *a))
-    out = trains(["--evaluate", tmp_path / "run" / "last.pt", "--data-dir", image_folder], capsys)
+    out = trains(["--evaluate", finished / "last.pt", "--data-dir", tiny])
     assert read == ["test"] and "Test Accuracy" in out
 
 
@@ -214,18 +213,15 @@ def checkpoint_files(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["--resume", "--evaluate"])
-def test_files_that_are_not_checkpoints(mode, tmp_path, capsys):
+def test_files_that_are_not_checkpoints(mode, tmp_path):
     for name, expected in checkpoint_files(tmp_path).items():
-        err = fails([mode, tmp_path / name], capsys, expected)
+        err = fails([mode, tmp_path / name], expected)
         assert name in err
 
 
 @pytest.fixture
-def finished_run(image_folder, tmp_path, capsys):
-    run = tmp_path / "run"
-    trains(["--data-dir", image_folder, "--out", run, "--epochs", 3, "--batch-size", 20,
-            "--workers", 0], capsys)
-    return run
+def finished_run(finished, copy_run):
+    return copy_run(finished)
 
 
 @pytest.mark.parametrize("damage", [
@@ -234,65 +230,150 @@ def finished_run(image_folder, tmp_path, capsys):
     lambda s: s["history"].pop(),
     lambda s: s["scheduler"].pop("last_epoch"),
     lambda s: s.update(rng=torch.zeros(3))])
-def test_damaged_training_state(finished_run, capsys, damage):
+def test_damaged_training_state(finished_run, damage):
     state = torch.load(finished_run / "last.pt", weights_only=True)
     damage(state)
     torch.save(state, finished_run / "damaged.pt")
-    fails(["--resume", finished_run / "damaged.pt"], capsys, "damaged training state")
+    fails(["--resume", finished_run / "damaged.pt"], "damaged training state")
 
 
-def test_resume_on_other_data_than_the_run_trained_on(finished_run, tmp_path, capsys):
+def test_resume_on_other_data_than_the_run_trained_on(finished_run, tmp_path):
     other = make_image_folder(tmp_path / "other", per_class=(2, 2))
-    fails(["--resume", finished_run / "last.pt", "--data-dir", other], capsys,
+    fails(["--resume", finished_run / "last.pt", "--data-dir", other],
           "is not the data this run trained on: its train split has [2, 2, 2")
 
 
-def test_resume_from_an_earlier_epoch_needs_overwrite(finished_run, capsys):
+@pytest.mark.parametrize("name", ["epoch1.pt", "last.pt"])
+def test_resume_from_an_earlier_epoch_needs_overwrite(finished_run, name):
     state = torch.load(finished_run / "last.pt", weights_only=True)
     state.update(epoch=1, history=state["history"][:1])
-    torch.save(state, finished_run / "epoch1.pt")
+    torch.save(state, finished_run / name)
     before = (finished_run / "metrics.csv").read_text()
-    fails(["--resume", finished_run / "epoch1.pt"], capsys, "would rewrite them")
+    err = fails(["--resume", finished_run / name], "would rewrite them; ")
+    # the run's own last.pt is suggested, unless that is the file being resumed
+    assert (f"resume from {finished_run / 'last.pt'}, or" in err) == (name != "last.pt")
     assert (finished_run / "metrics.csv").read_text() == before
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda s: s["args"].update(batch_size="x"), "--batch-size: 'x' is not a whole number"),
+    (lambda s: s["args"].update(device="tpu"), "--device: invalid choice: 'tpu'"),
+    (lambda s: s["args"].update(epochs=0), "--epochs: must be > 0, got 0"),
+    (lambda s: s["args"].update(compile="yes"), "damaged setting: compile='yes'"),
+    (lambda s: s.update(args={**s["args"], "data_dir": 5}, data_dir_resolved="/nowhere"),
+     "(--data-dir 5) is not found from here"),
+    (lambda s: s["resolved"].update(workers=-1), "--workers: must be >= 0, got -1"),
+    (lambda s: s["resolved"].update(precision="fp8"), "--precision: invalid choice: 'fp8'"),
+    (lambda s: s["resolved"].update(precision="fp16"), "--precision fp16 needs CUDA"),
+    (lambda s: s.update(data={}), "holds a damaged record of its data"),
+])
+def test_a_checkpoint_with_edited_settings_is_refused_in_one_line(finished_run, edit, expected):
+    state = torch.load(finished_run / "last.pt", weights_only=True)
+    edit(state)
+    torch.save(state, finished_run / "last.pt")
+    fails(["--resume", finished_run / "last.pt"], expected)
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--evaluate"])
+def test_a_checkpoint_with_a_flipped_byte_is_refused(finished_run, mode):
+    data = bytearray((finished_run / "last.pt").read_bytes())
+    data[len(data) // 2] ^= 0x10  # in the middle of the weights
+    (finished_run / "last.pt").write_bytes(data)
+    fails([mode, finished_run / "last.pt"], "is not a loadable checkpoint: the file is damaged")
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--evaluate"])
+def test_a_checkpoint_path_with_a_name_too_long(tmp_path, mode):
+    fails([mode, tmp_path / ("x" * 300) / "last.pt"], "File name too long")
+
+
+def test_a_metrics_csv_past_the_csv_field_limit_does_not_stop_a_resume(stopped, copy_run):
+    run = copy_run(stopped / "a")
+    (run / "metrics.csv").write_text("epoch,note\n1," + "x" * 200_000 + "\n")
+    trains(["--resume", run / "last.pt"])  # the checkpoint's history is what counts
+    assert len(rows(run)) == 3
+
+
+@pytest.mark.parametrize("name", ["curves.png", "last.pt"])
+def test_a_folder_named_as_a_run_file_is_refused(tiny, tmp_path, name):
+    (tmp_path / "run" / name).mkdir(parents=True)
+    err = fails(["--data-dir", tiny, "--out", tmp_path / "run", *ONE_EPOCH],
+                f"{tmp_path / 'run' / name} is a folder, where the run writes a file")
+    assert "--resume" not in err
+
+
+def test_a_folder_named_as_a_run_file_is_refused_on_resume(stopped, copy_run):
+    run = copy_run(stopped / "a")
+    (run / "curves.png").mkdir()
+    fails(["--resume", run / "last.pt"], f"{run / 'curves.png'} is a folder")
+
+
+def test_the_final_line_lists_the_files_the_folder_holds(finished_run):
+    (finished_run / "best.pt").unlink()
+    out = trains(["--resume", finished_run / "last.pt"])
+    assert out.splitlines()[-1] == (f"run folder: {finished_run} (train.log, metrics.csv, last.pt, "
+                                    "augmentations.png, curves.png, confusion.png, "
+                                    "misclassified.png)")
+
+
+def test_more_workers_than_cpus_is_a_note_not_a_warning(tiny, tmp_path):
+    workers = exp.usable_cpus() + 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = trains(["--data-dir", tiny, "--out", tmp_path / "run", *ONE_EPOCH,
+                      "--workers", workers])
+    assert f"note: {workers} workers on {exp.usable_cpus()} usable CPUs" in out
+    assert not [w for w in caught if "DataLoader" in str(w.message)]
+
+
+def test_compiling_on_a_cpu_silences_torchs_no_cuda_runtime_line():
+    # printed where a CUDA toolkit is installed but no GPU: not the user's concern
+    runtime = exp.Runtime(torch.device("cpu"), "fp32", True)
+    exp.stepped_module(exp.Net(), runtime, compiled=True, batch_size=8)
+    assert logging.getLogger("torch.utils.cpp_extension").level == logging.ERROR
 
 
 @pytest.mark.parametrize("flags,expected", [
     (["--epochs", 5], "--epochs cannot change on --resume"),
     (["--lr", 0.1, "--seed", 3], "--lr, --seed cannot be given with --resume"),
     (["--out", "elsewhere"], "--out cannot be given with --resume")])
-def test_resume_refuses_the_settings_it_keeps(finished_run, capsys, flags, expected):
-    fails(["--resume", finished_run / "last.pt", *flags], capsys, expected)
+def test_resume_refuses_the_settings_it_keeps(finished_run, flags, expected):
+    fails(["--resume", finished_run / "last.pt", *flags], expected)
 
 
-def test_resume_with_a_moved_data_folder_from_another_directory(image_folder, tmp_path, capsys,
-                                                                monkeypatch):
-    monkeypatch.chdir(image_folder.parent)
-    real = exp.train_one_epoch
-
-    def ctrl_c_in_epoch_2(training, loader, runtime, epoch, *rest):
-        if epoch == 2:
-            raise exp.Stopped(signal.SIGINT)
-        return real(training, loader, runtime, epoch, *rest)
-    monkeypatch.setattr(exp, "train_one_epoch", ctrl_c_in_epoch_2)
-    with pytest.raises(SystemExit) as stop:
-        exp.main(["--data-dir", image_folder.name, "--out", "run", "--epochs", "2",
-                  "--batch-size", "20", "--workers", "0"])
-    assert stop.value.code == 130 and "--resume run/last.pt" in capsys.readouterr().err
-    monkeypatch.setattr(exp, "train_one_epoch", real)
-    shutil.move(image_folder, tmp_path / "moved")
+@pytest.fixture
+def relative_run(tiny, tmp_path, monkeypatch):
+    """A run started in tmp_path with --data-dir data, stopped by Ctrl-C in epoch 2; the test
+    goes on in tmp_path/elsewhere."""
+    shutil.copytree(tiny, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as stopping:
+        stopped_in_epoch(2, stopping)
+        ended = run_main(["--data-dir", "data", "--out", "run", *RUN])
+    assert ended.status == 130 and f"--resume {tmp_path / 'run' / 'last.pt'}" in ended.err
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    fails(["--resume", "../run/last.pt"], capsys, "give --data-dir")
-    assert not (tmp_path / "elsewhere" / image_folder.name).exists()  # no empty download folder
-    out = trains(["--resume", "../run/last.pt", "--data-dir", "../moved"], capsys)
-    assert "data: ImageFolder ../moved:" in out and "Epoch 2/2" in out
+    return tmp_path / "run"
 
 
-def test_resume_of_a_finished_run_writes_its_report_again(finished_run, capsys):
+def test_resume_with_a_moved_data_folder_from_another_directory(relative_run, tmp_path):
+    shutil.move(tmp_path / "data", tmp_path / "moved")
+    fails(["--resume", "../run/last.pt"], "give --data-dir")
+    assert not (tmp_path / "elsewhere" / "data").exists()  # no empty download folder
+    out = trains(["--resume", "../run/last.pt", "--data-dir", "../moved"])
+    assert "data: ImageFolder ../moved:" in out and "Epoch 3/3" in out
+
+
+def test_resume_of_a_relative_data_folder_from_another_directory(relative_run):
+    out = trains(["--resume", "../run/last.pt"])
+    assert "data: ImageFolder data:" in out and "Epoch 3/3" in out
+
+
+def test_resume_of_a_finished_run_writes_its_report_again(finished_run):
     for name in ("curves.png", "confusion.png", "misclassified.png"):
         (finished_run / name).unlink()
     drawn_at_start = (finished_run / "augmentations.png").stat().st_mtime_ns
-    out = trains(["--resume", finished_run / "last.pt"], capsys)
+    out = trains(["--resume", finished_run / "last.pt"])
     assert "resumed from" in out and "Done: final test accuracy" in out
     assert all((finished_run / n).stat().st_size > 0 for n in ("curves.png", "confusion.png"))
     assert (finished_run / "augmentations.png").stat().st_mtime_ns == drawn_at_start
@@ -301,14 +382,14 @@ def test_resume_of_a_finished_run_writes_its_report_again(finished_run, capsys):
 
 # ---- --out
 
-def test_out_that_cannot_be_a_folder(image_folder, tmp_path, capsys, monkeypatch):
+def test_out_that_cannot_be_a_folder(tiny, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     decoded = []
     monkeypatch.setattr(exp, "load_cifar10", lambda *a, **k: decoded.append(a))
-    fails(["--data-dir", image_folder, "--out", tmp_path / "file"], capsys, "is a file")
-    fails(["--data-dir", image_folder, "--out", tmp_path / "file" / "run"], capsys, "is a file")
+    fails(["--data-dir", tiny, "--out", tmp_path / "file"], "is a file")
+    fails(["--data-dir", tiny, "--out", tmp_path / "file" / "run"], "is a file")
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as if not root, read-only
-    fails(["--data-dir", image_folder, "--out", tmp_path / "ro" / "run"], capsys, "not writable")
+    fails(["--data-dir", tiny, "--out", tmp_path / "ro" / "run"], "not writable")
     assert decoded == []  # refused before any image was decoded
 
 
@@ -320,18 +401,17 @@ def test_two_runs_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
     assert (first.name, second.name) == ("20260101-000000", "20260101-000000-2")
 
 
-def test_overwrite_removes_the_previous_runs_pictures(finished_run, image_folder, capsys,
-                                                      monkeypatch):
+def test_overwrite_removes_the_previous_runs_pictures(finished_run, tiny, monkeypatch):
     monkeypatch.setattr(exp, "report", lambda *a: None)  # the new run ends before its pictures
-    trains(["--data-dir", image_folder, "--out", finished_run, "--overwrite", *TINY], capsys)
+    trains(["--data-dir", tiny, "--out", finished_run, "--overwrite", *ONE_EPOCH])
     assert sorted(p.name for p in finished_run.iterdir()) == [
         "augmentations.png", "best.pt", "last.pt", "metrics.csv", "train.log"]
 
 
-def test_a_folder_holding_only_an_unfinished_runs_log_is_reused(image_folder, tmp_path, capsys):
+def test_a_folder_holding_only_an_unfinished_runs_log_is_reused(tiny, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "train.log").write_text("data: ...\nconfig: ...\nEpoch 1, Batch 100: Train Loss: 2\n")
-    trains(["--data-dir", image_folder, "--out", run, *TINY], capsys)
+    trains(["--data-dir", tiny, "--out", run, *ONE_EPOCH])
     assert (run / "train.log").read_text().startswith("data: ImageFolder")
     assert len(rows(run)) == 1

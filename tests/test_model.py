@@ -1,8 +1,9 @@
 import re
 
 import torch
+import torch.nn as nn
 
-from conftest import ROOT, exp
+from conftest import ROOT, exp, trains
 
 PER_LAYER = {"conv1 + bn1": 480, "sep_conv1 + bn_sep1": 768, "dil_conv1 + bn_dil1": 9312,
              "conv2 + bn2": 9312, "sep_conv2 + bn_sep2": 1440, "dil_conv2 + bn_dil2": 9312,
@@ -20,6 +21,21 @@ def test_parameter_counts_total_and_per_layer():
     assert {name: params for name, _, params, _ in exp.layer_table(model)} == PER_LAYER
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(conv.bias is not None for conv in convs)
+
+
+def test_a_few_steps_fit_a_batch():
+    torch.manual_seed(0)
+    model = exp.Net()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 2.0 and losses[-1] < 0.1 * losses[0]
 
 
 def test_shapes_through_every_block():
@@ -43,10 +59,9 @@ def test_flops_per_training_image_is_about_115_mflop():
     assert 114e6 < exp.train_flops_per_image(exp.Net()) < 116e6
 
 
-def test_summary_flag_prints_table_without_touching_data(tmp_path, capsys, monkeypatch):
+def test_summary_flag_prints_table_without_touching_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where the default --data-dir, ./data, would be downloaded to
-    exp.main(["--summary"])
-    out = capsys.readouterr().out
+    out = trains(["--summary"])
     assert "Total trainable parameters: 86,954" in out
     assert re.search(r"\| dil_conv3 \+ bn_dil3 \| 64x8x8 \| 37,056 \| 67x67 \|", out)
     assert list(tmp_path.iterdir()) == []

@@ -1,228 +1,247 @@
-"""Ctrl-C and SIGTERM sent to the whole process group (as a terminal, docker stop or Slurm do),
-DataLoader workers included, at each moment of a run: one line saying what is saved (also the
-last line of train.log), exit 130/143, never 0, no traceback, no process left behind, and the
-run resumes to exactly the metrics of an uninterrupted one.
+"""Ctrl-C, SIGTERM and SIGHUP sent to the script's whole process group (as a terminal, docker stop
+or Slurm do), its worker included, at each moment of its life: one line saying what is saved
+(also the last line of train.log), exit status 130, 143 or 129, never 0, no traceback, no process
+left behind, nothing half-written, and the run resumes to exactly the metrics of an uninterrupted
+one.
 
-The signal is sent from inside the function it is aimed at (the script runs with that function
-wrapped), so it lands in the middle of a checkpoint write, a picture, the workers' start."""
-import csv
+The signal is sent from inside the function it is aimed at, so it lands in the middle of a
+checkpoint write, a picture, the workers' start. The processes are forked from a server that has
+imported the script (processes.py); its first seconds, the imports, run in a fresh interpreter."""
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from conftest import ROOT
+import processes
+from conftest import RUN, metrics, quick_pictures, run_main, trains
+from processes import SCRIPT, Aim
 
-SCRIPT = str(ROOT / "experiment2_cifar_cnn.py")
-WRAPPER = """
-import importlib, os, signal, sys
-sys.path.insert(0, {root!r})
-import experiment2_cifar_cnn as exp
-
-def aimed(real):
-    calls = 0
-    def call(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        if calls == {nth}:
-            for _ in range({times}):
-                os.killpg(os.getpgrp(), {sig})
-        return real(*args, **kwargs)
-    return call
-
-owner = importlib.import_module({module!r})
-*path, name = {attribute!r}.split(".")
-for part in path:
-    owner = getattr(owner, part)
-setattr(owner, name, aimed(getattr(owner, name)))
-exp.main(sys.argv[1:])
-"""
+WITH_A_WORKER = [*RUN, "--workers", 1]
+EPOCH_LINE = re.compile(r"^Epoch (\d+)/3, ", re.M)
+SAYS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM",
+        signal.SIGHUP: "SIGHUP (the terminal closed)"}
 
 
-def run_args(data, out, *more):
-    return ["--data-dir", data, "--epochs", 3, "--batch-size", 20, "--workers", 2, "--seed", 7,
-            "--out", out, *more]
-
-
-def metrics(folder):
-    with open(folder / "metrics.csv") as f:
-        return [{k: v for k, v in row.items() if not k.endswith("_s")} for row in csv.DictReader(f)]
-
-
-def script(*args, **kwargs):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True,
-                          text=True, timeout=600, **kwargs)
+@pytest.fixture(autouse=True)
+def quick(monkeypatch):  # the resumed runs in this process draw blank pictures, as the processes
+    quick_pictures(monkeypatch)
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    from conftest import make_image_folder
-    root = tmp_path_factory.mktemp("signals")
-    data = make_image_folder(root / "data")
-    r = script(*run_args(data, root / "full"))
-    assert r.returncode == 0, r.stderr
-    return data, metrics(root / "full")
+def reference(tiny, tmp_path_factory):
+    """The metrics of an uninterrupted run with a worker (whose augmentations differ from those
+    of a run without)."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        quick_pictures(monkeypatch)
+        trains(["--data-dir", tiny, "--out", out, *WITH_A_WORKER])
+    return metrics(out)
 
 
-def interrupted(args, target, sig=signal.SIGTERM, nth=1, times=1, cwd=None):
-    """Runs the script in a process group of its own with target ("module:attribute") wrapped
-    to send sig to the whole group at its nth call; returns (exit status, stdout, stderr) once
-    every process of the group has ended."""
-    module, attribute = target.split(":")
-    code = WRAPPER.format(root=str(ROOT), module=module, attribute=attribute, nth=nth,
-                          times=times, sig=int(sig))
-    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], text=True, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    watchdog = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))
-    watchdog.start()
-    out, err = proc.communicate(timeout=330)
-    watchdog.cancel()
-    deadline = time.time() + 30
-    while time.time() < deadline:  # every worker of the group ends too
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail("processes of the interrupted run are still running")
-    return proc.returncode, out, err
+def interrupted(tiny, tmp_path, aim, **kwargs):
+    return processes.run(["--data-dir", tiny, "--out", tmp_path / "run", *WITH_A_WORKER],
+                         tmp_path / "process", aim, **kwargs)
 
 
-def assert_one_line(err, status, sig, says, folder=None):
-    assert status == (143 if sig == signal.SIGTERM else 130), err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    by = "SIGTERM" if sig == signal.SIGTERM else "Ctrl-C"
-    assert lines[0].startswith(f"interrupted by {by}: {says}"), err
+def assert_one_line(ended, sig, says, folder=None):
+    assert ended.status == 128 + sig, ended
+    lines = [line for line in ended.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in ended.err, ended.err
+    assert lines[0].startswith(f"interrupted by {SAYS[sig]}: {says}"), ended.err
     if folder is not None:  # train.log ends with the same line
         assert (folder / "train.log").read_text().splitlines()[-1] == lines[0]
 
 
-@pytest.mark.parametrize("moment,target,nth,sig", [
-    ("mid-epoch", "experiment2_cifar_cnn:training_step", 13, signal.SIGTERM),
-    ("during evaluation", "experiment2_cifar_cnn:evaluate", 2, signal.SIGINT),
-    ("inside torch.save of the first checkpoint", "torch:save", 1, signal.SIGTERM),
-])
-def test_interrupted_then_resumed_equals_uninterrupted(reference, tmp_path, moment, target, nth,
+@pytest.mark.parametrize("target,nth,sig", [
+    ("experiment2_cifar_cnn:training_step", 3, signal.SIGTERM),  # mid-epoch
+    ("experiment2_cifar_cnn:training_step", 3, signal.SIGHUP),  # a closed terminal, mid-epoch
+    ("experiment2_cifar_cnn:evaluate", 2, signal.SIGINT),  # the epoch is not saved
+    ("torch:save", 1, signal.SIGTERM),  # the first checkpoint's write finishes
+], ids=["mid-epoch", "closed terminal", "during evaluation", "inside torch.save"])
+def test_interrupted_then_resumed_equals_uninterrupted(reference, tiny, tmp_path, target, nth,
                                                        sig):
-    data, full = reference
     run = tmp_path / "run"
-    status, out, err = interrupted(run_args(data, run), target, sig, nth)
-    assert_one_line(err, status, sig, "last completed epoch is saved in", run)
-    assert f"--resume {run / 'last.pt'}" in err
+    ended = interrupted(tiny, tmp_path, Aim(target, sig, nth))
+    assert_one_line(ended, sig, "last completed epoch is saved in", run)
+    assert f"--resume {run / 'last.pt'}" in ended.err
     done = metrics(run)
-    assert 1 <= len(done) < 3 and done == full[:len(done)]
-    assert out.count("Epoch 1/3,") == 1  # the epoch being saved when the signal came is logged
-    resumed = script("--resume", run / "last.pt")
-    assert resumed.returncode == 0, resumed.stderr
-    assert metrics(run) == full
+    assert done == reference[:1]
+    assert ended.out.count("Epoch 1/3,") == 1  # the saved epoch is logged, the cut one is not
+    resumed = trains(["--resume", run / "last.pt"])
+    assert f"resumed from {run / 'last.pt'} after epoch 1" in resumed
+    assert metrics(run) == reference
+    assert EPOCH_LINE.findall((run / "train.log").read_text()) == ["1", "2", "3"]
+
+
+def test_with_nohup_a_closed_terminal_does_not_stop_the_run(reference, tiny, tmp_path):
+    ended = interrupted(tiny, tmp_path, Aim("experiment2_cifar_cnn:training_step",
+                                            signal.SIGHUP, 3), nohup=True)
+    assert ended.status == 0 and not ended.err, ended
+    assert metrics(tmp_path / "run") == reference
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_interrupted_while_the_workers_start_leaves_a_folder_a_retry_may_use(reference, tmp_path,
-                                                                             sig):
-    data, full = reference
+def test_interrupted_while_the_workers_start_leaves_a_folder_a_retry_may_use(reference, tiny,
+                                                                             tmp_path, sig):
     run = tmp_path / "run"
-    status, _, err = interrupted(run_args(data, run), "multiprocessing.process:BaseProcess.start",
-                                 sig)
-    assert_one_line(err, status, sig, "no epoch had finished, nothing to resume", run)
+    ended = interrupted(tiny, tmp_path, Aim("multiprocessing.process:BaseProcess.start", sig))
+    assert_one_line(ended, sig, "no epoch had finished, nothing to resume", run)
     assert sorted(p.name for p in run.iterdir()) == ["augmentations.png", "train.log"]
-    retry = script(*run_args(data, run))
-    assert retry.returncode == 0, retry.stderr
-    assert metrics(run) == full
+    trains(["--data-dir", tiny, "--out", run, *WITH_A_WORKER])
+    assert metrics(run) == reference
 
 
-def test_interrupted_inside_a_picture_of_the_report(reference, tmp_path):
-    data, full = reference
+def test_interrupted_inside_a_picture_of_the_report(reference, tiny, tmp_path):
     run = tmp_path / "run"
     # the first picture drawn is augmentations.png, before the first epoch; the second curves.png
-    status, _, err = interrupted(run_args(data, run), "matplotlib.figure:Figure.savefig", nth=2)
-    assert_one_line(err, status, signal.SIGTERM, "all 3 epochs are saved in", run)
-    assert f"--resume {run / 'last.pt'}" in err and metrics(run) == full
+    ended = interrupted(tiny, tmp_path, Aim("matplotlib.figure:Figure.savefig", nth=2))
+    assert_one_line(ended, signal.SIGTERM, "all 3 epochs are saved in", run)
+    assert f"--resume {run / 'last.pt'}" in ended.err and metrics(run) == reference
     assert not list(run.glob("*.tmp"))  # the picture under way was finished, none half-written
-    again = script("--resume", run / "last.pt")
-    assert again.returncode == 0, again.stderr
+    trains(["--resume", run / "last.pt"])
     assert all((run / name).stat().st_size > 0
                for name in ("curves.png", "confusion.png", "misclassified.png"))
-    assert metrics(run) == full
+    assert metrics(run) == reference
 
 
-@pytest.mark.parametrize("target,nth,says", [
-    # matplotlib frees the last figure: the run's last moments, where weakref callbacks run
-    ("matplotlib.pyplot:close", 4, "all 3 epochs are saved in"),
-    # after the run has ended: everything is saved
-    ("experiment2_cifar_cnn:RunLog.close", 1, "the run had finished"),
-])
-def test_a_signal_at_the_end_of_a_run_is_never_exit_status_0(reference, tmp_path, target, nth,
-                                                             says):
-    data, _ = reference
-    status, _, err = interrupted(run_args(data, tmp_path / "run"), target, nth=nth)
-    assert_one_line(err, status, signal.SIGTERM, says)
+@pytest.mark.parametrize("aim,says", [
+    # the last picture of the report: matplotlib frees it, where weakref callbacks run
+    (Aim("matplotlib.pyplot:close", nth=4), "all 3 epochs are saved in"),
+    # main's last step, closing train.log
+    (Aim("experiment2_cifar_cnn:RunLog.close"), "the run had finished"),
+    # after main has returned, as the process ends (its worker ended before, the same way)
+    (Aim("os:_exit", how="process"), "the run had finished"),
+], ids=["last picture", "closing the log", "process exit"])
+def test_a_signal_at_the_end_of_a_run_is_never_exit_status_0(tiny, tmp_path, aim, says):
+    assert_one_line(interrupted(tiny, tmp_path, aim), signal.SIGTERM, says)
 
 
-def test_a_second_signal_ends_the_run_at_once(reference, tmp_path):
-    data, _ = reference
+def test_a_signal_while_the_first_file_is_written_leaves_no_temporary(tiny, tmp_path):
+    # augmentations.png, before the first epoch: nothing under way must finish, so the process
+    # ends at once, and the temporary written so far goes with it
     run = tmp_path / "run"
-    # both inside the first checkpoint's write: the first would let it finish, the second does not
-    status, out, err = interrupted(run_args(data, run), "torch:save", times=2)
-    assert_one_line(err, status, signal.SIGTERM, "no epoch had finished", run)
-    assert "Epoch 1/3," not in out and not (run / "last.pt").exists()
-    assert not (run / "metrics.csv").exists()
+    ended = interrupted(tiny, tmp_path, Aim("os:fsync", signal.SIGINT, 1))
+    assert_one_line(ended, signal.SIGINT, "no epoch had finished, nothing to resume", run)
+    assert sorted(p.name for p in run.iterdir()) == ["train.log"]
 
 
-def test_interrupting_a_resume_while_it_decodes_says_what_the_checkpoint_holds(reference,
+@pytest.mark.parametrize("how", ["twice-group", "twice"],
+                         ids=["one after the other", "both inside one C call"])
+def test_a_second_signal_ends_the_run_at_once(tiny, tmp_path, how):
+    run = tmp_path / "run"
+    # inside the first last.pt's write: one signal would let it finish, a second does not
+    ended = interrupted(tiny, tmp_path, Aim("os:fsync", nth=2, how=how))
+    assert_one_line(ended, signal.SIGTERM, "no epoch had finished", run)
+    assert "Epoch 1/3," not in ended.out
+    assert sorted(p.name for p in run.iterdir()) == ["augmentations.png", "train.log"]
+
+
+def test_interrupting_a_resume_while_it_decodes_says_what_the_checkpoint_holds(stopped, copy_run,
                                                                                tmp_path):
-    data, full = reference
+    run = copy_run(stopped / "a")
+    ended = processes.run(["--resume", run / "last.pt"], tmp_path / "process",
+                          Aim("experiment2_cifar_cnn:read_image", nth=5))
+    assert_one_line(ended, signal.SIGTERM, "last completed epoch is saved in", run)
+    assert "(epoch 1 of 3)" in ended.err
+
+
+def test_a_resume_interrupted_before_it_holds_the_folder_claims_nothing_there(stopped, copy_run,
+                                                                             tmp_path):
+    # what the folder holds may be another live run's: the resume has written nothing
+    run = copy_run(stopped / "a")
+    ended = processes.run(["--resume", run / "last.pt"], tmp_path / "process",
+                          Aim("fcntl:flock", signal.SIGINT))
+    assert_one_line(ended, signal.SIGINT, "nothing was written")
+
+
+@pytest.mark.parametrize("mode,target", [
+    (["--evaluate", "last.pt"], "experiment2_cifar_cnn:read_image"),
+    (["--benchmark"], "experiment2_cifar_cnn:rate")])
+def test_modes_that_write_nothing_say_they_stopped(finished, tiny, tmp_path, mode, target):
+    args = [finished / a if a == "last.pt" else a for a in mode]
+    ended = processes.run([*args, "--data-dir", tiny], tmp_path / "process",
+                          Aim(target, signal.SIGINT, 3 if target.endswith("read_image") else 1))
+    assert_one_line(ended, signal.SIGINT, f"{mode[0]} stopped; it writes nothing")
+
+
+def test_the_printed_resume_command_works_pasted_in_any_folder(reference, tiny, tmp_path,
+                                                               monkeypatch):
+    (tmp_path / "here").mkdir()
+    ended = processes.run(["--data-dir", tiny, "--out", "a run folder", *WITH_A_WORKER],
+                          tmp_path / "process", Aim("experiment2_cifar_cnn:training_step", nth=3),
+                          cwd=tmp_path / "here")
+    run = tmp_path / "here" / "a run folder"
+    assert_one_line(ended, signal.SIGTERM, "last completed epoch is saved in", run)
+    command = shlex.split(ended.err.strip().split("continue with: ")[1])  # as a shell reads it
+    assert command == [sys.executable, str(SCRIPT), "--resume", str(run / "last.pt")]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    trains(command[2:])
+    assert metrics(run) == reference
+
+
+def test_workers_end_with_the_training_process_even_when_it_is_killed(tiny, tmp_path):
+    # else they hold the run folder's lock, which they inherit, and a resume is refused
+    process = processes.start(["--data-dir", tiny, "--out", tmp_path / "run", *WITH_A_WORKER],
+                              tmp_path / "process", Aim("experiment2_cifar_cnn:training_step",
+                                                        signal.SIGKILL, 3, how="process"))
+    process.join(120)
+    killed = time.monotonic()
+    assert process.exitcode == -signal.SIGKILL
+    while processes.group_alive(process.pid):
+        assert time.monotonic() - killed < 2.5, "the worker outlived the training process"
+        time.sleep(0.02)
+    assert run_main(["--resume", tmp_path / "run" / "last.pt"]).status == 0
+
+
+def test_a_closed_terminal_does_not_stop_training(reference, tiny, tmp_path):
+    # as `python experiment2_cifar_cnn.py ... | head -2`
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
     run = tmp_path / "run"
-    status, _, _ = interrupted(run_args(data, run), "experiment2_cifar_cnn:evaluate", nth=1)
-    assert status == 143
-    status, _, err = interrupted(["--resume", run / "last.pt"],
-                                 "experiment2_cifar_cnn:read_image", nth=5)
-    assert_one_line(err, status, signal.SIGTERM, "last completed epoch is saved in", run)
-    assert "(epoch 1 of 3)" in err
-
-
-@pytest.mark.parametrize("mode", [["--evaluate", "RUN/last.pt"], ["--benchmark", "--limit", 200]])
-def test_modes_that_write_nothing_say_they_stopped(reference, tmp_path, mode):
-    data, _ = reference
-    run = tmp_path / "run"
-    trained = script("--data-dir", data, "--epochs", 1, "--batch-size", 20, "--out", run)
-    assert trained.returncode == 0, trained.stderr
-    args = [str(run / "last.pt") if a == "RUN/last.pt" else a for a in mode]
-    status, _, err = interrupted([*args, "--data-dir", data], "experiment2_cifar_cnn:read_image",
-                                 signal.SIGINT, nth=3)
-    assert_one_line(err, status, signal.SIGINT, f"{mode[0]} stopped; it writes nothing")
-
-
-def test_the_printed_resume_command_works_when_pasted(reference, tmp_path):
-    data, full = reference
-    run = tmp_path / "a run folder"
-    status, _, err = interrupted(run_args(data, run), "experiment2_cifar_cnn:evaluate", nth=2)
-    assert status == 143
-    command = err.strip().split("continue with: ")[1]
-    pasted = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=600,
-                            cwd=ROOT)
-    assert pasted.returncode == 0, pasted.stderr
-    assert metrics(run) == full
-
-
-def test_a_closed_terminal_does_not_stop_training(reference, tmp_path):
-    data, full = reference
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, run_args(data, run))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    watchdog = threading.Timer(300, proc.kill)  # a run that hangs fails, not the test suite
-    watchdog.start()
-    first_lines = [proc.stdout.readline() for _ in range(2)]  # as `| head -2`
-    proc.stdout.close()
-    err = proc.stderr.read()
-    status = proc.wait()
-    watchdog.cancel()
-    assert status == 0 and "Traceback" not in err, err
+    process = processes.start(["--data-dir", tiny, "--out", run, *WITH_A_WORKER],
+                              tmp_path / "process", stdout=pipe)
+    with open(pipe) as head:
+        first_lines = [head.readline() for _ in range(2)]
+    ended = processes.finish(process)
+    assert ended.status == 0 and "Traceback" not in ended.err, ended.err
     assert first_lines[0].startswith("data:")
-    assert metrics(run) == full and "Done: final test accuracy" in (run / "train.log").read_text()
+    assert metrics(run) == reference
+    assert "Done: final test accuracy" in (run / "train.log").read_text()
+
+
+# ---- in a fresh interpreter: the script as `python experiment2_cifar_cnn.py` runs it
+
+SIGNAL_DURING_IMPORTS = """
+import os, runpy, sys
+class SendOnImport:  # the signal goes when the script starts importing torch
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), {sig})
+        return None
+sys.meta_path.insert(0, SendOnImport())
+sys.argv = [{script!r}, "--summary"]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_imports_ends_in_one_line(sig):
+    code = SIGNAL_DURING_IMPORTS.format(sig=int(sig), script=str(SCRIPT))
+    ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120)
+    assert ended.returncode == 128 + sig, ended
+    assert ended.stderr.strip() == f"interrupted by {SAYS[sig]}: nothing was written"
+    assert not ended.stdout
+
+
+def test_the_script_runs_as_a_command():
+    ended = subprocess.run([sys.executable, SCRIPT, "--summary"], capture_output=True, text=True,
+                           timeout=120)
+    assert ended.returncode == 0 and not ended.stderr, ended
+    assert ended.stdout.endswith("Total trainable parameters: 86,954\n")

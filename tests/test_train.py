@@ -1,49 +1,17 @@
-import csv
+"""Training, evaluation and the EMA, on the tiny folders and, where present, the JPEG copy."""
 import re
-import signal
-import subprocess
-import sys
-import types
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import JPEG_COPY, ROOT, exp, needs_jpeg_copy
+from conftest import JPEG_COPY, RUN, exp, metrics, needs_jpeg_copy, trains
 
-SCRIPT = str(ROOT / "experiment2_cifar_cnn.py")
 CPU = exp.Runtime(torch.device("cpu"), "fp32", False)
-NO_STOP = types.SimpleNamespace(check=lambda: None)  # no stop signal arrives
 BATCH_LINE = re.compile(r"^Epoch (\d+), Batch (\d+): Train Loss: \d+\.\d{4}, "
                         r"Train Accuracy: \d+\.\d{2}%$", re.M)
 EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+), Train Loss: \d+\.\d{4}, Train Accuracy: \d+\.\d{2}%, "
                         r"Test Loss: \d+\.\d{4}, Test Accuracy: (\d+\.\d{2})%$", re.M)
-
-
-def script(*args, **kw):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True,
-                          text=True, timeout=600, **kw)
-
-
-def read_metrics(folder):
-    with open(folder / "metrics.csv") as f:
-        return [{k: v for k, v in row.items() if not k.endswith("_s")}
-                for row in csv.DictReader(f)]
-
-
-def test_a_few_hundred_steps_lower_the_loss():
-    torch.manual_seed(0)
-    model = exp.Net()
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    losses = []
-    for _ in range(300):
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[0] > 2.0 and losses[-1] < 0.1 * losses[0]
 
 
 def training_objects(model, opt, sched, criterion):
@@ -51,25 +19,25 @@ def training_objects(model, opt, sched, criterion):
     return exp.Training(model, model, opt, sched, scaler, criterion, ema=None)
 
 
-def test_train_one_epoch_returns_epoch_averages_and_logs_every_n_batches(image_folder):
-    splits, _, _, _ = exp.load_cifar10(image_folder)
+def test_train_one_epoch_returns_epoch_averages_and_logs_every_n_batches(tiny):
+    splits, _, _, _ = exp.load_cifar10(tiny)
     model, lines = exp.Net(), []
     ds = exp.AugmentedBatches(*splits["train"], exp.train_transform())
-    loader = exp.TrainLoader(ds, 20, 0, 0, CPU.device)
+    loader = exp.TrainLoader(ds, 5, 0, 0, CPU.device)  # 8 batches
     opt = exp.make_optimizer(model, exp.build_parser().parse_args([]))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, total_steps=len(loader))
     training = training_objects(model, opt, sched, nn.CrossEntropyLoss())
-    loss, acc = exp.train_one_epoch(training, loader.epoch(3), CPU, 3, lines.append, 4, NO_STOP)
+    loss, acc = exp.train_one_epoch(training, loader.epoch(3), CPU, 3, lines.append, 3)
     assert len(lines) == 2 and all(BATCH_LINE.match(line) for line in lines)
-    assert [BATCH_LINE.match(line).groups() for line in lines] == [("3", "4"), ("3", "8")]
+    assert [BATCH_LINE.match(line).groups() for line in lines] == [("3", "3"), ("3", "6")]
     assert 0 < loss < 5 and 0 <= acc <= 100
 
 
-def test_non_finite_loss_names_epoch_and_batch(image_folder):
-    splits, _, _, _ = exp.load_cifar10(image_folder)
+def test_non_finite_loss_names_epoch_and_batch(tiny):
+    splits, _, _, _ = exp.load_cifar10(tiny)
     model = exp.Net()
     ds = exp.AugmentedBatches(*splits["train"], exp.train_transform())
-    loader = exp.TrainLoader(ds, 20, 0, 0, CPU.device)
+    loader = exp.TrainLoader(ds, 5, 0, 0, CPU.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     nan_on_batch_3 = iter([1.0, 1.0, float("nan")] + [1.0] * 10)
@@ -78,7 +46,7 @@ def test_non_finite_loss_names_epoch_and_batch(image_folder):
         return nn.functional.cross_entropy(out, y) * next(nan_on_batch_3)
     with pytest.raises(exp.NonFiniteLoss, match="epoch 2, batch 3"):
         exp.train_one_epoch(training_objects(model, opt, sched, criterion), loader.epoch(2), CPU, 2,
-                            print, 100, NO_STOP)
+                            print, 100)
 
 
 def test_ema_update_moves_every_weight_and_statistic_a_fraction_toward_the_current_ones():
@@ -102,30 +70,51 @@ def test_ema_update_moves_every_weight_and_statistic_a_fraction_toward_the_curre
     torch.testing.assert_close(w, 0.1 * after_first + 0.9 * current.fc.weight)
 
 
-@pytest.mark.parametrize("ema", ["0.999", "0"])
-def test_the_ema_is_what_is_evaluated_saved_and_reloaded(image_folder, tmp_path, ema):
-    out = tmp_path / "run"
-    r = script("--data-dir", image_folder, "--epochs", 2, "--batch-size", 20, "--ema", ema,
-               "--out", out)
-    assert r.returncode == 0, r.stderr
-    state = torch.load(out / "last.pt", weights_only=True)
-    assert ("ema" in state) == (ema != "0")
-    if "ema" in state:
-        assert not torch.equal(state["ema"]["fc.weight"], state["model"]["fc.weight"])
+def evaluated_as_logged(run, data, ema):
+    """The EMA (ema) or the model's weights saved in run's last.pt, evaluated as the run did;
+    and what its last epoch line logged (loss, accuracy)."""
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert ("ema" in state) == ema
     model = exp.Net().to(memory_format=torch.channels_last)
-    model.load_state_dict(state.get("ema", state["model"]))
-    splits, _, _, _ = exp.load_cifar10(image_folder)
-    test = exp.as_tensors(*splits["test"])
+    model.load_state_dict(state["ema"] if ema else state["model"])
     as_the_script_ran = exp.Runtime(CPU.device, exp.resolve_precision("auto", CPU.device), True)
-    _, acc, _ = exp.evaluate(model, *test, as_the_script_ran)
-    logged = EPOCH_LINE.findall(r.stdout)[-1][2]
-    assert f"{acc:.2f}" == logged
-    ev = script("--evaluate", out / "last.pt", "--data-dir", image_folder, "--tta")
-    single, mirrored = ev.stdout.splitlines()
-    assert single.endswith(f"Test Accuracy: {logged}%")
-    _, flip_acc, _ = exp.evaluate(model, *test, as_the_script_ran, flip_average=True)
+    splits, _, _, _ = exp.load_cifar10(data)
+    loss, acc, _ = exp.evaluate(model, *exp.as_tensors(*splits["test"]), as_the_script_ran)
+    logged = EPOCH_LOSS.findall((run / "train.log").read_text())[-1]
+    return (f"{loss:.4f}", f"{acc:.2f}"), logged
+
+
+EPOCH_LOSS = re.compile(r"^Epoch \d+/\d+, .*Test Loss: (\d+\.\d{4}), Test Accuracy: (\d+\.\d{2})%$",
+                        re.M)
+
+
+def test_the_ema_is_what_is_evaluated_saved_and_reloaded(finished, tiny):
+    state = torch.load(finished / "last.pt", weights_only=True)
+    assert not torch.equal(state["ema"]["fc.weight"], state["model"]["fc.weight"])
+    evaluated, logged = evaluated_as_logged(finished, tiny, ema=True)
+    assert evaluated == logged
+    single, mirrored = trains(["--evaluate", finished / "last.pt", "--data-dir", tiny,
+                               "--tta"]).splitlines()
+    assert single.endswith(f"Test Loss: {logged[0]}, Test Accuracy: {logged[1]}%")
     assert "averaged with its mirror" in mirrored
-    assert mirrored.endswith(f"Test Accuracy: {flip_acc:.2f}%")
+
+
+def test_without_an_ema_the_model_is_what_is_evaluated_and_saved(tiny, tmp_path, quick):
+    trains(["--data-dir", tiny, "--out", tmp_path / "run", *RUN, "--epochs", 1, "--ema", 0])
+    evaluated, logged = evaluated_as_logged(tmp_path / "run", tiny, ema=False)
+    assert evaluated == logged
+
+
+def test_tta_averages_each_test_image_with_its_mirror(finished, tiny):
+    model = exp.Net().to(memory_format=torch.channels_last)
+    model.load_state_dict(torch.load(finished / "last.pt", weights_only=True)["ema"])
+    splits, _, _, _ = exp.load_cifar10(tiny)
+    as_the_script_ran = exp.Runtime(CPU.device, exp.resolve_precision("auto", CPU.device), True)
+    loss, acc, _ = exp.evaluate(model, *exp.as_tensors(*splits["test"]), as_the_script_ran,
+                                flip_average=True)
+    mirrored = trains(["--evaluate", finished / "last.pt", "--data-dir", tiny,
+                       "--tta"]).splitlines()[1]
+    assert mirrored.endswith(f"Test Loss: {loss:.4f}, Test Accuracy: {acc:.2f}%")
 
 
 def test_flip_average_is_the_mean_of_the_logits_of_each_image_and_its_mirror(image_folder):
@@ -160,76 +149,77 @@ def test_checkpoint_round_trips(tmp_path):
     assert torch.equal(model.eval()(x), other.eval()(x))
 
 
-def test_resume_after_sigterm_ends_with_the_same_metrics_as_an_uninterrupted_run(image_folder,
-                                                                                 tmp_path):
-    # 10 short epochs: the signal, sent after epoch 1, lands long before the run could end, even
-    # on a busy machine
-    common = ["--data-dir", image_folder, "--epochs", 10, "--batch-size", 4, "--workers", 1,
-              "--seed", 7]
-    full = script(*common, "--out", tmp_path / "full")
-    assert full.returncode == 0, full.stderr
-
-    cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, common), "--out", str(cut)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("Epoch 1/10"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert f"--resume {cut / 'last.pt'}" in err
-    done = len(read_metrics(cut))  # 1, or more if later epochs ended before the signal landed
-    assert 1 <= done < 10
-    assert read_metrics(cut) == read_metrics(tmp_path / "full")[:done]  # same seed, same numbers
-
-    resumed = script("--resume", cut / "last.pt")
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from {cut / 'last.pt'} after epoch {done}" in resumed.stdout
-    assert read_metrics(cut) == read_metrics(tmp_path / "full")
-    log = (cut / "train.log").read_text()
-    assert [m[0] for m in EPOCH_LINE.findall(log)] == [str(e) for e in range(1, 11)]
-
-
 @needs_jpeg_copy
-def test_end_to_end_on_the_jpeg_copy_learns_far_above_chance(tmp_path):
+def test_end_to_end_on_the_jpeg_copy_learns_far_above_chance(tmp_path, quick):
     out = tmp_path / "run"
-    r = script("--data-dir", JPEG_COPY, "--epochs", 2, "--limit", 5000, "--log-every", 10,
-               "--out", out)
-    assert r.returncode == 0, r.stderr
-    assert "Total trainable parameters: 86954" in r.stdout
-    # 78 batches of the default 64 per epoch, a line every 10
-    assert len(BATCH_LINE.findall(r.stdout)) == 2 * 7
-    epochs = EPOCH_LINE.findall(r.stdout)
+    # 1000 training images, 31 steps of 32 per epoch, a line every 10
+    log = trains(["--data-dir", JPEG_COPY, "--limit", 1000, "--epochs", 2, "--batch-size", 32,
+                  "--log-every", 10, "--out", out])
+    assert "Total trainable parameters: 86954" in log
+    assert len(BATCH_LINE.findall(log)) == 2 * 3
+    epochs = EPOCH_LINE.findall(log)
     assert [e[:2] for e in epochs] == [("1", "2"), ("2", "2")]
-    assert float(epochs[-1][2]) > 25.0  # chance is 10%; this setting reached 42% here
+    assert float(epochs[-1][2]) > 20.0  # chance is 10%; this setting reached 2x% here
     for name in exp.RUN_FILES:
         assert (out / name).stat().st_size > 0, name
     assert (out / "train.log").read_text().count("Test Accuracy") == 2
-    assert len(read_metrics(out)) == 2
-
-    ev = script("--evaluate", out / "last.pt", "--data-dir", JPEG_COPY, "--limit", 5000)
-    assert ev.returncode == 0, ev.stderr
-    assert f"Test Accuracy: {epochs[-1][2]}%" in ev.stdout
+    assert len(metrics(out)) == 2
+    ev = trains(["--evaluate", out / "last.pt", "--data-dir", JPEG_COPY, "--limit", 1000])
+    assert f"Test Accuracy: {epochs[-1][2]}%" in ev
 
 
-def test_benchmark_runs_on_synthetic_data_and_prints_its_line(tmp_path):
-    r = script("--benchmark", "--data-dir", tmp_path / "none", "--limit", 256, "--batch-size", 32,
-               "--workers", 0)
-    assert r.returncode == 0, r.stderr
-    assert "synthetic" in r.stdout
-    last = r.stdout.strip().splitlines()[-1]
+def test_benchmark_runs_on_synthetic_data_and_prints_its_line(tmp_path, monkeypatch):
+    real = exp.rate
+    monkeypatch.setattr(exp, "rate", lambda fn, device, *timing: real(fn, device, 0, 0))
+    out = trains(["--benchmark", "--data-dir", tmp_path / "none", "--limit", 64, "--batch-size", 16,
+                  "--workers", 0])
+    assert "synthetic" in out
+    last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"benchmark: step=\d+ img/s, epoch=\d+ img/s, hidden=\d+\.\d\d, "
                         r"speedup=\d+\.\dx, roofline=\d\.?\d*(e-\d+)?", last), last
 
 
-def test_onecycle_moves_the_momentum_against_the_lr(image_folder, tmp_path):
-    r = script("--data-dir", image_folder, "--epochs", 1, "--batch-size", 20,
-               "--out", tmp_path / "run")
-    assert r.returncode == 0, r.stderr
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    for group in state["optimizer"]["param_groups"]:
+def test_onecycle_moves_the_momentum_against_the_lr(finished):
+    state = torch.load(finished / "last.pt", weights_only=True)
+    for group in state["optimizer"]["param_groups"]:  # what the run stepped with
         bounds = (group["base_momentum"], group["max_momentum"])
         assert bounds == (exp.MIN_MOMENTUM, exp.MAX_MOMENTUM) == (0.85, 0.95)
-        # back up near the top at the end
-        assert group["nesterov"] and 0.94 < group["momentum"] <= 0.95
+        assert group["nesterov"]
+    args = exp.build_parser().parse_args([])
+    optimizer = exp.make_optimizer(nn.Linear(2, 2), args)
+    scheduler = exp.make_scheduler(optimizer, args, 100)
+    steps = []
+    for _ in range(99):
+        group = optimizer.param_groups[0]
+        steps.append((group["lr"], group["momentum"]))
+        optimizer.step()
+        scheduler.step()
+    peak = max(range(99), key=lambda i: steps[i][0])
+    assert peak == 19 and steps[peak] == (pytest.approx(0.1), pytest.approx(0.85))
+    assert steps[0][1] == pytest.approx(0.95) and steps[-1][1] == pytest.approx(0.95, abs=1e-4)
+
+
+def test_each_epoch_says_its_time_and_the_time_left(stopped, copy_run, tiny, tmp_path, quick):
+    lines = trains(["--data-dir", tiny, "--out", tmp_path / "run", *RUN]).splitlines()
+    after = [lines[i + 1] for i, line in enumerate(lines) if EPOCH_LINE.match(line)]
+    assert [re.sub(r"[\d.]+ s|\d\d:\d\d", "#", line) for line in after] == [
+        "epoch 1 took #; about # left (done near #)", "epoch 2 took #; about # left (done near #)",
+        "epoch 3 took #"]
+    assert all(line in (tmp_path / "run" / "train.log").read_text() for line in after)
+    # a resumed run's estimate counts its own epochs only
+    run = copy_run(stopped / "a", "resumed")
+    first = next(line for line in trains(["--resume", run / "last.pt"]).splitlines()
+                 if line.startswith("epoch 2 took"))
+    took = float(re.match(r"epoch 2 took ([\d.]+) s", first).group(1))
+    assert first.endswith(f"; about {took:.0f} s left (done near {first[-6:-1]})")
+
+
+def test_the_time_left_is_the_mean_epoch_but_the_first_times_the_epochs_left(monkeypatch):
+    monkeypatch.setattr(exp.time, "time", lambda: 1_000_000.0)
+    assert exp.time_left(3, 100, [40.0, 25.0, 27.0]).startswith(
+        "epoch 3 took 27.0 s; about 42 min left (done near ")
+    assert exp.time_left(1, 10, [5.0]).startswith("epoch 1 took 5.0 s; about 45 s left")
+    assert exp.time_left(2, 200, [90.0, 60.0]).startswith("epoch 2 took 60.0 s; about 3.3 h left")
+    assert exp.time_left(200, 200, [60.0]) == "epoch 200 took 60.0 s"
+    done = exp.time.strftime("%H:%M", exp.time.localtime(1_000_000.0 + 98 * 26))
+    assert exp.time_left(2, 100, [30.0, 26.0]).endswith(f"(done near {done})")
