@@ -720,17 +720,22 @@ class Net(nn.Module):
         return self.fc(self.gap(x).flatten(1))
 
 
+def forward_once(model, modules, hook):
+    """Runs one blank 32x32 image through model with a forward hook on each of modules."""
+    hooks = [m.register_forward_hook(hook) for m in modules]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+
+
 def output_shapes(model):
     """{child module: its output shape for one 32x32 image}."""
     shapes = {}
 
     def record(module, inputs, output):
         shapes[module] = tuple(output.shape[1:])
-    hooks = [m.register_forward_hook(record) for m in model.children()]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, 32, 32))
-    for h in hooks:
-        h.remove()
+    forward_once(model, model.children(), record)
     return shapes
 
 
@@ -769,11 +774,7 @@ def train_flops_per_image(model):
     def count(conv, inputs, output):
         macs.append(output[0].numel() * conv.in_channels // conv.groups
                     * math.prod(conv.kernel_size))
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, 32, 32))
-    for h in hooks:
-        h.remove()
+    forward_once(model, [m for m in model.modules() if isinstance(m, nn.Conv2d)], count)
     return 6 * (sum(macs) + model.fc.in_features * model.fc.out_features)
 
 
