@@ -41,8 +41,8 @@ class Aim(NamedTuple):
     sig: int = signal.SIGTERM
     nth: int = 1
     how: str = "group"  # "group": to the whole process group; "twice-group": two to the group,
-    # one after the other; "twice": two to the process inside one C call, where the handler runs
-    # once for both; "process": to the process alone
+    # one after the other; "twice": two to the process 0.2 s apart inside one C call, where the
+    # handler runs once for both; "process": to the process alone
 
 
 class Ended(NamedTuple):
@@ -59,7 +59,8 @@ def aimed(real, aim):
         calls += 1
         if calls == aim.nth:
             if aim.how == "twice":  # system() waits in C while the shell sends both
-                os.system(f"kill -{aim.sig} {os.getpid()}; kill -{aim.sig} {os.getpid()}")
+                pid = os.getpid()
+                os.system(f"kill -{aim.sig} {pid}; sleep 0.2; kill -{aim.sig} {pid}")
             elif aim.how == "process":
                 os.kill(os.getpid(), aim.sig)
             else:

@@ -165,7 +165,6 @@ def test_sixteen_bit_grayscale_png_looks_like_its_picture(tree):
     assert len(notes["converted to RGB"]) == 1
 
 
-@pytest.mark.filterwarnings("error")  # Pillow warns of a palette with transparency, if asked
 def test_odd_entries_in_a_class_folder_are_skipped_or_converted(tree, tmp_path):
     cat = tree / "train" / "cat"
     (cat / "folder.png").mkdir()
@@ -176,6 +175,16 @@ def test_odd_entries_in_a_class_folder_are_skipped_or_converted(tree, tmp_path):
     assert [p.name for p in notes["subfolders of class folders skipped"]] == ["folder.png"]
     assert [p.name for p in notes["non-image files skipped"]] == ["dangling.png"]
     assert [p.name for p in notes["resized to 32x32"]] == ["tiny_palette.png"]
+
+
+@pytest.mark.filterwarnings("error")  # Pillow warns of such a palette, if not asked for RGBA
+def test_a_palette_image_with_transparency_is_converted_without_a_warning(tree):
+    palette = Image.new("P", (32, 32))
+    palette.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    palette.paste(1, (0, 0, 16, 32))
+    palette.save(tree / "train" / "cat" / "palette.png", transparency=b"\x00\x80")
+    image = exp.read_image(tree / "train" / "cat" / "palette.png", {})
+    assert (image[:, :16] == [200, 30, 30]).all() and (image[:, 16:] == 0).all()
 
 
 def test_evaluate_decodes_the_test_split_only(finished, tiny, monkeypatch):

@@ -1,6 +1,7 @@
 """Bad input gives one clear line on stderr and exit status 2; nothing is left half-written."""
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -178,7 +179,6 @@ class RunsCode:
         return (os.system, (f"touch {MARKER}",))
 
 
-@pytest.mark.filterwarnings("error")  # torch warns of an old pickle before it refuses it
 def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
     global MARKER
     MARKER = tmp_path / "pwned"
@@ -187,6 +187,15 @@ def test_crafted_pickle_is_refused_and_runs_nothing(tmp_path):
     err = fails(["--evaluate", tmp_path / "evil.pt"])
     assert "refused for safety" in err
     assert not MARKER.exists()
+
+
+def test_a_pickle_that_is_not_a_torch_file_is_one_line_without_a_warning(tmp_path):
+    with open(tmp_path / "raw.pt", "wb") as f:
+        pickle.dump({"model": {}}, f, protocol=5)  # torch warns of the protocol, if asked
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert "is not a loadable checkpoint" in fails(["--evaluate", tmp_path / "raw.pt"])
+    assert not caught, [str(w.message) for w in caught]
 
 
 def test_exploding_loss_stops_with_a_clear_message(tiny, tmp_path, quick):

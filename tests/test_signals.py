@@ -240,6 +240,30 @@ def test_a_signal_during_the_imports_ends_in_one_line(sig):
     assert not ended.stdout
 
 
+SIGNAL_AS_IT_EXITS = """
+import os, runpy, sys
+real_exit = os._exit
+def exiting(status):  # the signal goes as the script ends its process
+    os._exit = real_exit
+    os.kill(os.getpid(), {sig})
+    real_exit(status)
+os._exit = exiting
+sys.argv = [{script!r}, "--summary"]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_a_signal_as_the_script_exits_ends_in_one_line():
+    # the process ends at once after main, not through seconds of the interpreter's shutdown,
+    # where the default handlers are back and a signal ends it without a line
+    code = SIGNAL_AS_IT_EXITS.format(sig=int(signal.SIGTERM), script=str(SCRIPT))
+    ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120)
+    assert ended.returncode == 143, ended
+    assert ended.stderr.strip() == "interrupted by SIGTERM: --summary stopped; it writes nothing"
+    assert ended.stdout.endswith("Total trainable parameters: 86,954\n")
+
+
 def test_the_script_runs_as_a_command():
     ended = subprocess.run([sys.executable, SCRIPT, "--summary"], capture_output=True, text=True,
                            timeout=120)
