@@ -8,7 +8,6 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 
 import experiment2_cifar_cnn as exp  # noqa: E402
+from processes import PLOTS, Ended, blank_figure  # noqa: E402
 
 JPEG_COPY = ROOT.parent / "shared" / "cifar10-jpeg"
 needs_jpeg_copy = pytest.mark.skipif(not (JPEG_COPY / "train").is_dir(),
@@ -39,12 +39,6 @@ def make_image_folder(root, per_class=(20, 10), size=32):
                 img = np.clip(colour + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i:04d}.png")
     return root
-
-
-class Ended(NamedTuple):
-    status: int
-    out: str
-    err: str
 
 
 def run_main(args):
@@ -90,11 +84,9 @@ def stopped_in_epoch(epoch, monkeypatch):
 
 
 def quick_pictures(monkeypatch):
-    """Blank pictures instead of the real ones, which take seconds to draw here: written through
-    the same code, at the same moments. The pictures themselves are tested on the session's
-    finished run and in test_augment.py."""
-    for name in ("plot_augmentations", "plot_curves", "plot_confusion", "plot_misclassified"):
-        monkeypatch.setattr(exp, name, lambda *args: exp.pyplot().figure(figsize=(1, 1)))
+    """Blank pictures (processes.blank_figure) instead of the real ones."""
+    for name in PLOTS:
+        monkeypatch.setattr(exp, name, blank_figure)
 
 
 @pytest.fixture
@@ -165,6 +157,4 @@ def pytest_collection_finish(session):
     first tests run."""
     if any(item.module.__name__ == "test_signals" for item in session.items):
         import multiprocessing.forkserver
-
-        import processes  # noqa: F401 (sets what the server imports)
         multiprocessing.forkserver.ensure_running()

@@ -70,11 +70,14 @@ def aimed(real, aim):
     return call
 
 
-def quick_pictures():
-    """Blank pictures instead of the real ones, which take seconds to draw here: written through
-    the same code, at the same moments."""
-    for name in ("plot_augmentations", "plot_curves", "plot_confusion", "plot_misclassified"):
-        setattr(exp, name, lambda *args: exp.pyplot().figure(figsize=(1, 1)))
+PLOTS = ("plot_augmentations", "plot_curves", "plot_confusion", "plot_misclassified")
+
+
+def blank_figure(*args):
+    """What the tests draw instead of a picture, which takes seconds here: it is written through
+    the same code, at the same moments. The real pictures are tested in test_augment.py and on
+    the session's finished run."""
+    return exp.pyplot().figure(figsize=(1, 1))
 
 
 def script_process(argv, out, err, aim, nohup, cwd):
@@ -88,7 +91,8 @@ def script_process(argv, out, err, aim, nohup, cwd):
         os.close(opened)
     sys.argv = [str(SCRIPT), *argv]
     signal.signal(signal.SIGHUP, signal.SIG_IGN if nohup else signal.SIG_DFL)
-    quick_pictures()
+    for name in PLOTS:
+        setattr(exp, name, blank_figure)
     if aim:
         module, attribute = aim.target.split(":")
         owner = sys.modules[module] if module in sys.modules else __import__(module)
