@@ -71,6 +71,21 @@ def test_affine_moves_pixels(image):
     assert np.abs(outs[0] - outs[1]).mean() > 0.1  # a new draw each call
 
 
+def test_affine_rotates_up_to_15_degrees_scales_up_to_10_percent_and_reflects_the_border():
+    t = exp.train_transform(flip_p=0, affine_p=1, dropout_p=0, save_applied_params=True)
+    t.set_random_seed(0)
+    grey = np.full((32, 32, 3), 200, np.uint8)
+    rotations, scales = [], []
+    for _ in range(200):
+        drawn = t(image=grey)
+        params = dict(drawn["applied_transforms"])["Affine"]
+        rotations.append(abs(params["rotate"]))
+        scales += [params["scale"]["x"], params["scale"]["y"]]
+        assert (drawn["image"] == 200).all()  # the border is the image reflected, not a fill
+    assert 14 < max(rotations) <= 15
+    assert 0.9 <= min(scales) < 0.91 and 1.09 < max(scales) <= 1.1
+
+
 def test_affine_shift_is_drawn_per_axis():
     t = exp.train_transform(flip_p=0, affine_p=1, dropout_p=0)
     affine = next(x for x in t.transforms if type(x).__name__ == "Affine")

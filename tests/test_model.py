@@ -44,6 +44,18 @@ def test_shapes_through_every_block():
     assert model(torch.randn(5, 3, 32, 32)).shape == (5, 10)
 
 
+def test_every_block_ends_in_a_relu():
+    model = exp.Net().eval()
+    later = [conv for conv, _ in model.conv_bn_pairs()][1:] + [model.fc]
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for m in later]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    assert len(inputs) == 8 and all((x >= 0).all() and (x > 0).any() for x in inputs)
+
+
 def test_receptive_field_grows_past_44_pixels():
     rfs = [rf for _, _, _, rf in exp.layer_table(exp.Net())][:-1]
     assert rfs == RECEPTIVE and rfs[-1] > 44
