@@ -28,7 +28,10 @@ def test_train_one_epoch_returns_epoch_averages_and_logs_every_n_batches(tiny):
     opt = exp.make_optimizer(model, exp.build_parser().parse_args([]))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.05, total_steps=len(loader))
     training = training_objects(model, opt, sched, nn.CrossEntropyLoss())
+    model.eval()  # as an evaluation leaves it
+    statistics = model.bn1.running_mean.clone()
     loss, acc = exp.train_one_epoch(training, loader.epoch(3), CPU, 3, lines.append, 3)
+    assert model.training and not torch.equal(model.bn1.running_mean, statistics)
     assert len(lines) == 2 and all(BATCH_LINE.match(line) for line in lines)
     assert [BATCH_LINE.match(line).groups() for line in lines] == [("3", "3"), ("3", "6")]
     assert 0 < loss < 5 and 0 <= acc <= 100
@@ -136,6 +139,35 @@ def test_flip_average_is_the_mean_of_the_logits_of_each_image_and_its_mirror(ima
     assert not torch.equal(preds, single_view)  # the mirror changed some predictions
 
 
+def test_evaluation_runs_the_model_in_eval_mode_and_leaves_it_unchanged():
+    torch.manual_seed(0)
+    model = exp.Net()
+    model(torch.randn(8, 3, 32, 32))  # BatchNorm statistics leave their defaults; train mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (12,))
+    loss, _, preds = exp.evaluate(model, images, labels, CPU)
+    with torch.no_grad():
+        logits = model.eval()(exp.normalize(images))
+    assert torch.equal(preds, logits.argmax(1))
+    assert loss == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_step_minimises_the_label_smoothed_cross_entropy_with_decay_on_weights_only():
+    args = exp.build_parser().parse_args([])
+    training = exp.make_training(args, CPU, 10, compiled=False)
+    decayed, kept = training.optimizer.param_groups
+    assert decayed["weight_decay"] == 5e-4 and kept["weight_decay"] == 0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in kept["params"])
+    assert len(decayed["params"]) + len(kept["params"]) == len(list(training.model.parameters()))
+    x, y = CPU.prepare(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8),
+                       torch.randint(0, 10, (8,)))
+    loss, out = exp.training_step(training, CPU, x, y)
+    expected = nn.functional.cross_entropy(out, y, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_checkpoint_round_trips(tmp_path):
     torch.manual_seed(0)
     model = exp.Net()
@@ -178,6 +210,15 @@ def test_benchmark_runs_on_synthetic_data_and_prints_its_line(tmp_path, monkeypa
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"benchmark: step=\d+ img/s, epoch=\d+ img/s, hidden=\d+\.\d\d, "
                         r"speedup=\d+\.\dx, roofline=\d\.?\d*(e-\d+)?", last), last
+
+
+def test_the_log_lines_keep_their_agreed_format(finished):
+    log = (finished / "train.log").read_text()
+    assert [m[:2] for m in EPOCH_LINE.findall(log)] == [("1", "3"), ("2", "3"), ("3", "3")]
+    done = (r"^Done: final test accuracy \d+\.\d\d%, best \d+\.\d\d% \(epoch \d\), 85% first "
+            r"reached: never, \d+\.\d s per epoch, \d+\.\d min in all$")
+    assert re.search(done, log, re.M)
+    assert re.search(r"^Per-class accuracy: airplane \d+\.\d%, automobile", log, re.M)
 
 
 def test_a_finished_run_holds_every_file_and_its_pictures(finished):
