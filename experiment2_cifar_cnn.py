@@ -271,11 +271,12 @@ def add_run_flags(p):
     modes = g.add_mutually_exclusive_group()
     modes.add_argument("--resume", type=Path, metavar="CKPT",
                        help="continue the run saved in CKPT, in CKPT's folder, on the run's own "
-                       "data, with the settings it was started with (and 'auto' as it resolved "
-                       "them); only --data-dir (a moved copy), --device, --precision, "
-                       "--channels-last, --cuda-graphs, --compile, --workers, --log-every and "
-                       "--overwrite may be given anew (a new precision, layout or worker count "
-                       "changes the numbers: the log says so)")
+                       "data, with the settings it was started with (and 'auto' and the CPU "
+                       "threads as it resolved them); only --data-dir (a moved copy), --device, "
+                       "--precision, --channels-last, --cuda-graphs, --compile, --workers, "
+                       "--log-every and --overwrite may be given anew, and OMP_NUM_THREADS (a new "
+                       "precision, layout, worker or thread count changes the numbers: the log "
+                       "says so)")
     modes.add_argument("--evaluate", type=Path, metavar="CKPT",
                        help="only evaluate CKPT on the test set")
     g.add_argument("--tta", action="store_true",
