@@ -81,6 +81,17 @@ def test_image_folder_source_gives_official_labels(image_folder):
     assert not any(notes.values())
 
 
+def test_the_data_record_tells_images_of_the_same_names_and_sizes_apart(image_folder):
+    # uncompressed BMP files: the same size whatever their pixels
+    first = exp.load_cifar10(image_folder).record
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(image_folder / "train" / "cat" / "extra.bmp")
+    second = exp.load_cifar10(image_folder).record
+    Image.new("RGB", (32, 32), (30, 20, 10)).save(image_folder / "train" / "cat" / "extra.bmp")
+    third = exp.load_cifar10(image_folder).record
+    assert second["counts"] == third["counts"] != first["counts"]
+    assert len({first["sha256"], second["sha256"], third["sha256"]}) == 3
+
+
 def test_limit_is_class_balanced_and_takes_the_first_images(image_folder):
     splits, _, _, _ = exp.load_cifar10(image_folder, limit=25)
     y = splits["train"][1]

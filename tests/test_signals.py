@@ -44,8 +44,9 @@ def reference(tiny, tmp_path_factory):
 
 
 def interrupted(tiny, tmp_path, aim, **kwargs):
-    return processes.run(["--data-dir", tiny, "--out", tmp_path / "run", *WITH_A_WORKER],
-                         tmp_path / "process", aim, **kwargs)
+    # a line for every batch: where a run stopped shows
+    return processes.run(["--data-dir", tiny, "--out", tmp_path / "run", *WITH_A_WORKER,
+                          "--log-every", 1], tmp_path / "process", aim, **kwargs)
 
 
 def assert_one_line(ended, sig, says, folder=None):
@@ -57,14 +58,17 @@ def assert_one_line(ended, sig, says, folder=None):
         assert (folder / "train.log").read_text().splitlines()[-1] == lines[0]
 
 
-@pytest.mark.parametrize("target,nth,sig", [
-    ("experiment2_cifar_cnn:training_step", 3, signal.SIGTERM),  # mid-epoch
-    ("experiment2_cifar_cnn:training_step", 3, signal.SIGHUP),  # a closed terminal, mid-epoch
-    ("experiment2_cifar_cnn:evaluate", 2, signal.SIGINT),  # the epoch is not saved
-    ("torch:save", 1, signal.SIGTERM),  # the first checkpoint's write finishes
+@pytest.mark.parametrize("target,nth,sig,last_batch", [
+    # in epoch 2's first step: its second does not run
+    ("experiment2_cifar_cnn:training_step", 3, signal.SIGTERM, "Epoch 2, Batch 1:"),
+    ("experiment2_cifar_cnn:training_step", 3, signal.SIGHUP, "Epoch 2, Batch 1:"),
+    # epoch 2 is trained, but not saved: its evaluation stops
+    ("experiment2_cifar_cnn:evaluate", 2, signal.SIGINT, "Epoch 2, Batch 2:"),
+    # the first checkpoint's write finishes; epoch 2 does not start
+    ("torch:save", 1, signal.SIGTERM, "Epoch 1, Batch 2:"),
 ], ids=["mid-epoch", "closed terminal", "during evaluation", "inside torch.save"])
 def test_interrupted_then_resumed_equals_uninterrupted(reference, tiny, tmp_path, target, nth,
-                                                       sig):
+                                                       sig, last_batch):
     run = tmp_path / "run"
     ended = interrupted(tiny, tmp_path, Aim(target, sig, nth))
     assert_one_line(ended, sig, "last completed epoch is saved in", run)
@@ -72,6 +76,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(reference, tiny, tmp_path
     done = metrics(run)
     assert done == reference[:1]
     assert ended.out.count("Epoch 1/3,") == 1  # the saved epoch is logged, the cut one is not
+    assert [line for line in ended.out.splitlines() if ", Batch " in line][-1].startswith(
+        last_batch)
     resumed = trains(["--resume", run / "last.pt"])
     assert f"resumed from {run / 'last.pt'} after epoch 1" in resumed
     assert metrics(run) == reference
