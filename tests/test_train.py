@@ -1,6 +1,7 @@
 """Training, evaluation and the EMA, on the tiny folders and, where present, the JPEG copy."""
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -219,6 +220,17 @@ def test_the_log_lines_keep_their_agreed_format(finished):
             r"reached: never, \d+\.\d s per epoch, \d+\.\d min in all$")
     assert re.search(done, log, re.M)
     assert re.search(r"^Per-class accuracy: airplane \d+\.\d%, automobile", log, re.M)
+
+
+def test_the_report_gives_each_class_its_own_accuracy(tmp_path, quick):
+    history = [{"epoch": 1, "test_acc": 75.0, "elapsed_s": 2.0}]
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    lines = []
+    exp.report(tmp_path, history, "test", (images, np.array([0, 0, 1, 1])), np.array([0, 1, 1, 1]),
+               lines.append)
+    assert lines[1] == ("Per-class accuracy: airplane 50.0%, automobile 100.0%, bird (no images), "
+                        "cat (no images), deer (no images), dog (no images), frog (no images), "
+                        "horse (no images), ship (no images), truck (no images)")
 
 
 def test_a_finished_run_holds_every_file_and_its_pictures(finished):
