@@ -121,7 +121,8 @@ class Stop:
     def held_from_workers():
         """While worker processes start: they inherit the blocked signals, set them to be
         ignored (start_worker) and then unblock them, so that a signal to the whole group never
-        reaches a worker before that. This process gets them when the block ends."""
+        reaches a worker before that (it would also count in the wakeup pipe they share, as a
+        second signal). This process gets them when the block ends."""
         if not hasattr(signal, "pthread_sigmask"):  # Windows
             yield
             return
