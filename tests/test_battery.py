@@ -108,7 +108,7 @@ def test_flag_combinations_that_cannot_work(combo, expected, tiny):
     fails([*combo, "--data-dir", tiny], expected)
 
 
-def test_benchmark_with_fewer_images_than_a_batch(tmp_path):
+def test_benchmark_with_fewer_images_than_a_batch(tmp_path, brief_benchmark):
     fails(["--benchmark", "--data-dir", tmp_path / "none", "--limit", 20],
           "--benchmark needs at least --batch-size (64) training images")
 

@@ -202,9 +202,7 @@ def test_end_to_end_on_the_jpeg_copy_learns_far_above_chance(tmp_path, quick):
     assert f"Test Accuracy: {epochs[-1][2]}%" in ev
 
 
-def test_benchmark_runs_on_synthetic_data_and_prints_its_line(tmp_path, monkeypatch):
-    real = exp.rate
-    monkeypatch.setattr(exp, "rate", lambda fn, device, *timing: real(fn, device, 0, 0))
+def test_benchmark_runs_on_synthetic_data_and_prints_its_line(tmp_path, brief_benchmark):
     out = trains(["--benchmark", "--data-dir", tmp_path / "none", "--limit", 64, "--batch-size", 16,
                   "--workers", 0])
     assert "synthetic" in out
