@@ -1727,10 +1727,12 @@ def resume_notes(args, state, runtime, data):
     args.run_id = state["run_id"]
     check_same_data(state.get("data"), data.record, args)
     kept, now = state["resolved"], resolved_settings(args, runtime)
-    changed = [k for k in now if k in kept and now[k] != kept[k]]
-    return [f"note: {'OMP_NUM_THREADS=' if k == 'threads' else '--' + k.replace('_', '-') + ' '}"
-            f"{now[k]} given anew (the run had {kept[k]}): from here on the numbers differ from "
-            "those of an uninterrupted run" for k in changed]
+    notes = []
+    for k in [k for k in now if k in kept and now[k] != kept[k]]:
+        flag = "OMP_NUM_THREADS=" if k == "threads" else f"--{k.replace('_', '-')} "
+        notes.append(f"note: {flag}{now[k]} given anew (the run had {kept[k]}): from here on the "
+                     "numbers differ from those of an uninterrupted run")
+    return notes
 
 
 def check_same_data(saved, record, args):
