@@ -91,6 +91,7 @@ def quick_pictures(monkeypatch):
 
 @pytest.fixture
 def quick(monkeypatch):
+    """Runs in the test draw blank pictures."""
     quick_pictures(monkeypatch)
 
 
@@ -136,7 +137,7 @@ def stopped(tiny, tmp_path_factory):
         stopped_in_epoch(2, monkeypatch)
         for name, seed in (("a", 7), ("b", 8)):
             assert run_main(["--data-dir", tiny, "--out", folder / name, *RUN,
-                             "--seed", seed]).status == 130
+                             "--seed", seed]).status == 130  # the later --seed is the one taken
     return folder
 
 
