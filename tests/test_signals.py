@@ -27,9 +27,8 @@ SAYS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM",
         signal.SIGHUP: "SIGHUP (the terminal closed)"}
 
 
-@pytest.fixture(autouse=True)
-def quick(monkeypatch):  # the resumed runs in this process draw blank pictures, as the processes
-    quick_pictures(monkeypatch)
+# the runs resumed in this process draw blank pictures, as the processes do
+pytestmark = pytest.mark.usefixtures("quick")
 
 
 @pytest.fixture(scope="module")
