@@ -203,27 +203,29 @@ def build_parser():
                       "line says what is saved; 130, 143 or 129 stopped by Ctrl-C, SIGTERM or a "
                       "closed terminal (SIGHUP), the line says what is saved and how to continue")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive(int), default=100, help="passes over the training set")
-    g.add_argument("--batch-size", type=positive(int), default=64, help="images per step")
-    g.add_argument("--lr", type=positive(float), default=0.1,
+    g.add_argument("--epochs", type=number(int, zero_ok=False), default=100,
+                   help="passes over the training set")
+    g.add_argument("--batch-size", type=number(int, zero_ok=False), default=64,
+                   help="images per step")
+    g.add_argument("--lr", type=number(float, zero_ok=False), default=0.1,
                    help="OneCycle peak learning rate (the momentum "
                    f"falls from {MAX_MOMENTUM} to {MIN_MOMENTUM} meanwhile)")
-    g.add_argument("--warmup", type=probability, default=0.2,
+    g.add_argument("--warmup", type=number(float, high=1), default=0.2,
                    help="share of steps rising to the peak LR")
-    g.add_argument("--weight-decay", type=positive(float, zero_ok=True), default=5e-4,
+    g.add_argument("--weight-decay", type=number(float), default=5e-4,
                    help="on conv/linear weights, not BN or biases")
-    g.add_argument("--label-smoothing", type=probability, default=0.1,
+    g.add_argument("--label-smoothing", type=number(float, high=1), default=0.1,
                    help="of the cross-entropy targets")
-    g.add_argument("--ema", type=probability, default=0.999,
+    g.add_argument("--ema", type=number(float, high=1), default=0.999,
                    help="decay of the moving average of the weights, updated every step, "
                    "that is evaluated and saved (0: off)")
-    g.add_argument("--flip-p", type=probability, default=0.5,
+    g.add_argument("--flip-p", type=number(float, high=1), default=0.5,
                    help="probability of a horizontal flip")
-    g.add_argument("--affine-p", type=probability, default=0.5,
+    g.add_argument("--affine-p", type=number(float, high=1), default=0.5,
                    help="probability of the shift/scale/rotate Affine")
-    g.add_argument("--dropout-p", type=probability, default=0.25,
+    g.add_argument("--dropout-p", type=number(float, high=1), default=0.25,
                    help="probability of the 16x16 CoarseDropout hole")
-    g.add_argument("--seed", type=seed_value, default=0,
+    g.add_argument("--seed", type=number(int, high=2**32 - 1), default=0,
                    help="of the initial weights, the batch order and the augmentations")
     add_run_flags(p)
     return p
@@ -235,11 +237,11 @@ def add_run_flags(p):
     g.add_argument("--data-dir", type=Path, default=Path("data"),
                    help="ImageFolder copy (DIR/train/<class>, DIR/test/<class>) or where "
                    "torchvision's CIFAR-10 lives / is downloaded")
-    g.add_argument("--limit", type=positive(int),
+    g.add_argument("--limit", type=number(int, zero_ok=False),
                    help="use only the first N images of each split, class-balanced")
-    g.add_argument("--val", type=positive(int),
+    g.add_argument("--val", type=number(int, zero_ok=False),
                    help="hold out N training images and report on them instead of the test set")
-    g.add_argument("--workers", type=positive(int, zero_ok=True),
+    g.add_argument("--workers", type=number(int),
                    help="DataLoader worker processes for augmentation (default: 0 on CPU, "
                    "where the step already uses every core and in-process augmentation "
                    "measured faster; else min(8, usable cores/2): on a 16-core H200 host 4, 8 "
@@ -265,7 +267,7 @@ def add_run_flags(p):
     g.add_argument("--overwrite", action="store_true",
                    help="replace the results in an existing --out folder; with --resume: "
                    "allow resuming from an earlier epoch than the run's latest")
-    g.add_argument("--log-every", type=positive(int), default=100,
+    g.add_argument("--log-every", type=number(int, zero_ok=False), default=100,
                    help="batches between train log lines; after each epoch's line, one more "
                    "gives its time and the time left")
     g = p.add_argument_group("modes")
@@ -1818,6 +1820,8 @@ def time_left(epoch, epochs, times):
         return line
     typical = times[1:] or times
     left = (epochs - epoch) * sum(typical) / len(typical)
+    if left > 6 * 86400:  # past where a weekday names the day (and the clock's range)
+        return f"{line}; about {left / 86400:.0f} days left"
     span = (f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 90 * 60
             else f"{left / 3600:.1f} h")
     now = time.time()
@@ -1927,17 +1931,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def positive(kind, zero_ok=False):
+def number(kind, zero_ok=True, high=None):
+    """An argparse type: a number of kind (int or float), >= 0 (> 0 unless zero_ok) and at most
+    high: by default the most that the step's float32, or an int64, holds."""
+    high = high if high is not None else FLOAT32_MAX if kind is float else 2**63 - 1
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             what = "a whole number" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not math.isfinite(value) or not (value >= 0 if zero_ok else value > 0):
+        if not (value >= 0 if zero_ok else value > 0):  # false for nan too
             raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {text}")
-        if kind is float and value > FLOAT32_MAX:  # the step computes in float32 (or less)
-            raise argparse.ArgumentTypeError(f"{text} is too large for float32 (at most 3.4e38)")
+        if value > high:
+            shown = high if kind is int else f"{high:.3g}"  # 3.4e+38, not 39 digits
+            raise argparse.ArgumentTypeError(f"must be at most {shown}, got {text}")
         return value
     return parse
 
@@ -1946,26 +1955,6 @@ def run_folder(text):
     if not text.strip():  # an unset shell variable: not the current directory
         raise argparse.ArgumentTypeError("is empty")
     return Path(text)
-
-
-def probability(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def seed_value(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be from 0 to {2**32 - 1}, got {text}")
-    return value
 
 
 NOT_GIVEN = object()

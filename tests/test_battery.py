@@ -38,6 +38,7 @@ def tree(tmp_path):
     ("--seed", 2**64), ("--seed", -1), ("--seed", "1e3"), ("--warmup", 1.5), ("--warmup", "x"),
     ("--label-smoothing", "nan"), ("--lr", "inf"), ("--lr", "nan"), ("--weight-decay", "inf"),
     ("--workers", -1), ("--ema", -0.5), ("--log-every", 0), ("--val", "0"),
+    pytest.param("--epochs", "1" + "0" * 400, id="--epochs-10**400"),  # past an int64
     # finite as Python floats, but not in the float32 the step computes in
     ("--lr", "1e39"), ("--weight-decay", "1e300")])
 def test_flag_values_that_cannot_train_are_refused_by_the_parser(flag, value):

@@ -281,5 +281,8 @@ def test_the_time_left_is_the_mean_epoch_but_the_first_times_the_epochs_left(mon
     assert exp.time_left(1, 10, [5.0]).startswith("epoch 1 took 5.0 s; about 45 s left")
     assert exp.time_left(2, 200, [90.0, 60.0]).startswith("epoch 2 took 60.0 s; about 3.3 h left")
     assert exp.time_left(200, 200, [60.0]) == "epoch 200 took 60.0 s"
+    # past six days no clock time: a weekday would not name the day, nor can the clock go on
+    assert exp.time_left(1, 8 * 24 * 60 + 1, [60.0]) == "epoch 1 took 60.0 s; about 8 days left"
+    assert exp.time_left(1, 2**63 - 1, [1.0]).endswith("; about 106751991167301 days left")
     done = exp.time.strftime("%H:%M", exp.time.localtime(1_000_000.0 + 98 * 26))
     assert exp.time_left(2, 100, [30.0, 26.0]).endswith(f"(done near {done})")
