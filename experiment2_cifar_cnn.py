@@ -425,13 +425,10 @@ def is_image_folder(data_dir, splits=("train", "test")):
     return all((data_dir / split).is_dir() for split in splits)
 
 
-def is_torchvision_folder(data_dir):
-    return ((data_dir / "cifar-10-batches-py").is_dir()
-            or (data_dir / "cifar-10-python.tar.gz").is_file())
-
-
 def holds_cifar10(data_dir, splits=("train", "test")):
-    return is_image_folder(data_dir, splits) or is_torchvision_folder(data_dir)
+    """An ImageFolder copy with these splits, or torchvision's files."""
+    return (is_image_folder(data_dir, splits) or (data_dir / "cifar-10-batches-py").is_dir()
+            or (data_dir / "cifar-10-python.tar.gz").is_file())
 
 
 def check_data_dir(data_dir, splits):
