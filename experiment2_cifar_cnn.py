@@ -1049,7 +1049,7 @@ def checkpoint_state(training, history, args, runtime, data):
 
 
 def read_checkpoint(path):
-    """The checkpoint's dict, or one line saying why the file is not one."""
+    """The checkpoint's dict, or one line saying why the file is not one of this network."""
     try:
         exists, is_file = path.exists(), path.is_file()
     except OSError as e:  # a name too long, ...
@@ -1071,6 +1071,7 @@ def read_checkpoint(path):
     if (not isinstance(state, dict) or not isinstance(state.get("model"), dict)
             or not isinstance(state.get("ema", {}), dict)):
         raise UserError(f"{path} is not a checkpoint of this script")
+    check_network(state, path)
     return state
 
 
@@ -1107,17 +1108,14 @@ def check_network(state, path):
             raise UserError(f"{path} holds a different network (first differences: {diff})")
 
 
-def load_checkpoint(path, model, weights="model"):
-    """Loads state[weights] (or state["model"] where it has no such entry) into model; returns
-    the whole state."""
-    state = read_checkpoint(path)
-    check_network(state, path)
+def load_weights(model, state, path, weights="model"):
+    """Loads a checkpoint's state[weights] (or state["model"] where it has no such entry) into
+    model."""
     try:
         model.load_state_dict(state.get(weights, state["model"]))
     except (RuntimeError, TypeError, ValueError) as e:
         raise UserError(f"{path} holds weights this network cannot load: "
                         f"{str(e).splitlines()[0]}") from None
-    return state
 
 
 def restore_training(training, state, path):
@@ -1472,7 +1470,7 @@ def describe(runtime, workers=None):
 
 def evaluate_checkpoint(args, log):
     model = Net()
-    load_checkpoint(args.evaluate, model, weights="ema")
+    load_weights(model, read_checkpoint(args.evaluate), args.evaluate, weights="ema")
     runtime = make_runtime(args, log)
     splits, kind, _, _ = load_cifar10(args.data_dir, args.limit, splits=("test",))
     model.to(runtime.device, memory_format=memory_format(runtime.channels_last))
@@ -1514,7 +1512,6 @@ def check_flags(args, given):
 def resumed_settings(args, given):
     """The run's own settings from the checkpoint, with the flags given anew; the checkpoint."""
     state = read_checkpoint(args.resume)
-    check_network(state, args.resume)
     if not {"optimizer", "scheduler", "scaler", "rng", "epoch", "history", "args"} <= set(state):
         raise UserError(f"{args.resume} holds weights but no training state to resume; "
                         "see --evaluate")
@@ -1838,7 +1835,7 @@ def train(args, resume_state, log):
         history = []
         if resume_state:
             notes += resume_notes(args, resume_state, runtime, data)
-            load_checkpoint(args.resume, training.model)
+            load_weights(training.model, resume_state, args.resume)
             history = restore_training(training, resume_state, args.resume)
         else:
             for name in RUN_FILES:  # an earlier run's, with --overwrite

@@ -177,7 +177,8 @@ def test_checkpoint_round_trips(tmp_path):
     exp.save_checkpoint(tmp_path / "c.pt", state)
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
     other = exp.Net()
-    loaded = exp.load_checkpoint(tmp_path / "c.pt", other)
+    loaded = exp.read_checkpoint(tmp_path / "c.pt")
+    exp.load_weights(other, loaded, tmp_path / "c.pt")
     assert loaded["epoch"] == 3 and loaded["history"] == state["history"]
     x = torch.randn(4, 3, 32, 32)
     assert torch.equal(model.eval()(x), other.eval()(x))
