@@ -88,14 +88,18 @@ class Stop:
     def end_now(self, signum):
         self.remove_leftovers()
         stopped = Stopped(signum)
+        self.say(stopped)
+        self.exit(stopped.status)
+
+    def say(self, stopped):
+        """The line that ends a stopped process: what is saved, and how to continue."""
         where = self.log.where_it_stopped() if self.log else "nothing was written"
         line = f"interrupted by {stopped.name}: {where}"
         if self.log:
             self.log.end(line, after_a_signal=True)
-        else:
+        else:  # the imports, before a run's log exists
             with contextlib.suppress(OSError, ValueError):
                 print("\n" + line, file=sys.stderr)
-        self.exit(stopped.status)
 
     def remove_leftovers(self):
         for path in reversed(self.leftovers):
@@ -2070,7 +2074,7 @@ def main(argv=None):
         log.end(f"error: {e}; {log.where_it_stopped()}")
         return SAVE_FAILED
     except Stopped as e:
-        log.end(f"interrupted by {e.name}: {log.where_it_stopped()}", after_a_signal=True)
+        STOP.say(e)
         return e.status
     finally:
         STOP.at_once = True  # all is saved: a signal from here on ends the process at once
