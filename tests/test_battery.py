@@ -1,6 +1,5 @@
 """A battery of odd inputs: each completes correctly, or ends in one line on stderr with exit 2,
 before anything is written. (Interruptions: test_signals.py.)"""
-import csv
 import logging
 import os
 import shutil
@@ -12,19 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import RUN, exp, make_image_folder, refused, run_main, stopped_in_epoch, trains
+from conftest import (
+    RUN,
+    exp,
+    make_image_folder,
+    metrics,
+    refused,
+    run_main,
+    stopped_in_epoch,
+    trains,
+)
 
 pytestmark = pytest.mark.usefixtures("quick")  # blank pictures: see conftest.quick_pictures
 ONE_EPOCH = ["--epochs", 1, "--batch-size", 20, "--workers", 0]
-
-
-def fails(args, expected):
-    return refused(args, expected)
-
-
-def rows(run):
-    with open(run / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture
@@ -42,12 +41,12 @@ def tree(tmp_path):
     # finite as Python floats, but not in the float32 the step computes in
     ("--lr", "1e39"), ("--weight-decay", "1e300")])
 def test_flag_values_that_cannot_train_are_refused_by_the_parser(flag, value):
-    err = fails([flag, value], flag)
+    err = refused([flag, value], flag)
     assert err.endswith("(see --help)")
 
 
 def test_a_fraction_where_a_whole_number_is_wanted():
-    fails(["--batch-size", "3.5"], "'3.5' is not a whole number")
+    refused(["--batch-size", "3.5"], "'3.5' is not a whole number")
 
 
 def test_a_log_interval_longer_than_an_epoch_costs_no_memory(tiny, tmp_path):
@@ -63,7 +62,7 @@ def test_a_log_interval_longer_than_an_epoch_costs_no_memory(tiny, tmp_path):
     (["--summary"], ["--seed", 1])])
 def test_every_mode_refuses_the_flags_it_does_not_use(mode, unused):
     names = sorted(str(a) for a in unused if str(a).startswith("--"))
-    fails([*mode, *unused], f"{mode[0]} does not use {', '.join(names)}")
+    refused([*mode, *unused], f"{mode[0]} does not use {', '.join(names)}")
 
 
 @pytest.mark.parametrize("warmup", ["1", "0"])
@@ -71,7 +70,7 @@ def test_warmup_at_either_end_trains(tiny, tmp_path, warmup):
     # 10 steps: the schedule's value one step past its end is what the checkpoint keeps
     trains(["--data-dir", tiny, "--out", tmp_path / "run", "--warmup", warmup, *ONE_EPOCH,
             "--batch-size", 4])
-    (epoch,) = rows(tmp_path / "run")
+    (epoch,) = metrics(tmp_path / "run")
     assert float(epoch["train_loss"]) < 5
     lr = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
     assert all(group["lr"] < 0.01 for group in lr)  # annealed at the end either way
@@ -81,16 +80,16 @@ def test_a_warmup_of_exactly_one_step_trains(tiny, tmp_path):
     # 40 images / batch 8 = 5 steps; 20% of 5 is one step, where OneCycleLR divided by zero
     trains(["--data-dir", tiny, "--out", tmp_path / "run", "--epochs", 1, "--batch-size", 8,
             "--workers", 0])
-    assert len(rows(tmp_path / "run")) == 1
+    assert len(metrics(tmp_path / "run")) == 1
 
 
 def test_batch_larger_than_the_data_writes_nothing_and_a_retry_works(tiny, tmp_path):
     run = tmp_path / "run"
-    fails(["--data-dir", tiny, "--out", run, "--epochs", 1, "--batch-size", 500],
+    refused(["--data-dir", tiny, "--out", run, "--epochs", 1, "--batch-size", 500],
           "--batch-size 500 is larger than the 40 training images")
     assert not run.exists()
     trains(["--data-dir", tiny, "--out", run, *ONE_EPOCH])
-    assert len(rows(run)) == 1
+    assert len(metrics(run)) == 1
 
 
 def test_classes_without_test_images_print_no_nan(tiny, tmp_path):
@@ -106,11 +105,11 @@ def test_classes_without_test_images_print_no_nan(tiny, tmp_path):
     (["--tta"], "--tta applies to --evaluate"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 needs CUDA")])
 def test_flag_combinations_that_cannot_work(combo, expected, tiny):
-    fails([*combo, "--data-dir", tiny], expected)
+    refused([*combo, "--data-dir", tiny], expected)
 
 
 def test_benchmark_with_fewer_images_than_a_batch(tmp_path, brief_benchmark):
-    fails(["--benchmark", "--data-dir", tmp_path / "none", "--limit", 20],
+    refused(["--benchmark", "--data-dir", tmp_path / "none", "--limit", 20],
           "--benchmark needs at least --batch-size (64) training images")
 
 
@@ -118,8 +117,8 @@ def test_benchmark_with_fewer_images_than_a_batch(tmp_path, brief_benchmark):
 
 def test_data_dir_that_is_a_file_or_under_one(tmp_path):
     (tmp_path / "file").write_text("x")
-    fails(["--data-dir", tmp_path / "file"], "is not a CIFAR-10 folder")
-    fails(["--data-dir", tmp_path / "file" / "sub"], "is a file, not a folder")
+    refused(["--data-dir", tmp_path / "file"], "is not a CIFAR-10 folder")
+    refused(["--data-dir", tmp_path / "file" / "sub"], "is a file, not a folder")
 
 
 def test_class_folder_that_cannot_be_read(tree, tmp_path, monkeypatch):
@@ -130,20 +129,20 @@ def test_class_folder_that_cannot_be_read(tree, tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
     monkeypatch.setattr(os, "scandir", scandir)
-    fails(["--data-dir", tree, "--out", tmp_path / "run"], "Permission denied")
+    refused(["--data-dir", tree, "--out", tmp_path / "run"], "Permission denied")
     assert not (tmp_path / "run").exists()
 
 
 def test_class_entry_that_is_a_file(tree):
     shutil.rmtree(tree / "train" / "cat")
     (tree / "train" / "cat").write_text("not a folder")
-    fails(["--data-dir", tree], "missing: cat")
+    refused(["--data-dir", tree], "missing: cat")
 
 
 @pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"GIF89a"])
 def test_image_files_that_are_empty_or_broken(tree, tmp_path, content):
     (tree / "test" / "dog" / "broken.png").write_bytes(content)
-    err = fails(["--data-dir", tree, "--out", tmp_path / "run"], "broken.png")
+    err = refused(["--data-dir", tree, "--out", tmp_path / "run"], "broken.png")
     assert "BytesIO" not in err and ("the file is empty" in err) == (content == b"")
     assert not (tmp_path / "run").exists()
 
@@ -225,7 +224,7 @@ def checkpoint_files(tmp_path):
 @pytest.mark.parametrize("mode", ["--resume", "--evaluate"])
 def test_files_that_are_not_checkpoints(mode, tmp_path):
     for name, expected in checkpoint_files(tmp_path).items():
-        err = fails([mode, tmp_path / name], expected)
+        err = refused([mode, tmp_path / name], expected)
         assert name in err
 
 
@@ -244,12 +243,12 @@ def test_damaged_training_state(finished_run, damage):
     state = torch.load(finished_run / "last.pt", weights_only=True)
     damage(state)
     torch.save(state, finished_run / "damaged.pt")
-    fails(["--resume", finished_run / "damaged.pt"], "damaged training state")
+    refused(["--resume", finished_run / "damaged.pt"], "damaged training state")
 
 
 def test_resume_on_other_data_than_the_run_trained_on(finished_run, tmp_path):
     other = make_image_folder(tmp_path / "other", per_class=(2, 2))
-    fails(["--resume", finished_run / "last.pt", "--data-dir", other],
+    refused(["--resume", finished_run / "last.pt", "--data-dir", other],
           "is not the data this run trained on: its train split has [2, 2, 2")
 
 
@@ -259,7 +258,7 @@ def test_resume_from_an_earlier_epoch_needs_overwrite(finished_run, name):
     state.update(epoch=1, history=state["history"][:1])
     torch.save(state, finished_run / name)
     before = (finished_run / "metrics.csv").read_text()
-    err = fails(["--resume", finished_run / name], "would rewrite them; ")
+    err = refused(["--resume", finished_run / name], "would rewrite them; ")
     # the run's own last.pt is suggested, unless that is the file being resumed
     assert (f"resume from {finished_run / 'last.pt'}, or" in err) == (name != "last.pt")
     assert (finished_run / "metrics.csv").read_text() == before
@@ -281,7 +280,7 @@ def test_a_checkpoint_with_edited_settings_is_refused_in_one_line(finished_run, 
     state = torch.load(finished_run / "last.pt", weights_only=True)
     edit(state)
     torch.save(state, finished_run / "last.pt")
-    fails(["--resume", finished_run / "last.pt"], expected)
+    refused(["--resume", finished_run / "last.pt"], expected)
 
 
 @pytest.mark.parametrize("mode", ["--resume", "--evaluate"])
@@ -289,25 +288,25 @@ def test_a_checkpoint_with_a_flipped_byte_is_refused(finished_run, mode):
     data = bytearray((finished_run / "last.pt").read_bytes())
     data[len(data) // 2] ^= 0x10  # in the middle of the weights
     (finished_run / "last.pt").write_bytes(data)
-    fails([mode, finished_run / "last.pt"], "is not a loadable checkpoint: the file is damaged")
+    refused([mode, finished_run / "last.pt"], "is not a loadable checkpoint: the file is damaged")
 
 
 @pytest.mark.parametrize("mode", ["--resume", "--evaluate"])
 def test_a_checkpoint_path_with_a_name_too_long(tmp_path, mode):
-    fails([mode, tmp_path / ("x" * 300) / "last.pt"], "File name too long")
+    refused([mode, tmp_path / ("x" * 300) / "last.pt"], "File name too long")
 
 
 def test_a_metrics_csv_past_the_csv_field_limit_does_not_stop_a_resume(stopped, copy_run):
     run = copy_run(stopped / "a")
     (run / "metrics.csv").write_text("epoch,note\n1," + "x" * 200_000 + "\n")
     trains(["--resume", run / "last.pt"])  # the checkpoint's history is what counts
-    assert len(rows(run)) == 3
+    assert len(metrics(run)) == 3
 
 
 @pytest.mark.parametrize("name", ["curves.png", "last.pt"])
 def test_a_folder_named_as_a_run_file_is_refused(tiny, tmp_path, name):
     (tmp_path / "run" / name).mkdir(parents=True)
-    err = fails(["--data-dir", tiny, "--out", tmp_path / "run", *ONE_EPOCH],
+    err = refused(["--data-dir", tiny, "--out", tmp_path / "run", *ONE_EPOCH],
                 f"{tmp_path / 'run' / name} is a folder, where the run writes a file")
     assert "--resume" not in err
 
@@ -315,7 +314,7 @@ def test_a_folder_named_as_a_run_file_is_refused(tiny, tmp_path, name):
 def test_a_folder_named_as_a_run_file_is_refused_on_resume(stopped, copy_run):
     run = copy_run(stopped / "a")
     (run / "curves.png").mkdir()
-    fails(["--resume", run / "last.pt"], f"{run / 'curves.png'} is a folder")
+    refused(["--resume", run / "last.pt"], f"{run / 'curves.png'} is a folder")
 
 
 def test_the_final_line_lists_the_files_the_folder_holds(finished_run):
@@ -348,7 +347,7 @@ def test_compiling_on_a_cpu_silences_torchs_no_cuda_runtime_line():
     (["--lr", 0.1, "--seed", 3], "--lr, --seed cannot be given with --resume"),
     (["--out", "elsewhere"], "--out cannot be given with --resume")])
 def test_resume_refuses_the_settings_it_keeps(finished_run, flags, expected):
-    fails(["--resume", finished_run / "last.pt", *flags], expected)
+    refused(["--resume", finished_run / "last.pt", *flags], expected)
 
 
 @pytest.fixture
@@ -368,7 +367,7 @@ def relative_run(tiny, tmp_path, monkeypatch):
 
 def test_resume_with_a_moved_data_folder_from_another_directory(relative_run, tmp_path):
     shutil.move(tmp_path / "data", tmp_path / "moved")
-    fails(["--resume", "../run/last.pt"], "give --data-dir")
+    refused(["--resume", "../run/last.pt"], "give --data-dir")
     assert not (tmp_path / "elsewhere" / "data").exists()  # no empty download folder
     out = trains(["--resume", "../run/last.pt", "--data-dir", "../moved"])
     assert "data: ImageFolder ../moved:" in out and "Epoch 3/3" in out
@@ -387,7 +386,7 @@ def test_resume_of_a_finished_run_writes_its_report_again(finished_run):
     assert "resumed from" in out and "Done: final test accuracy" in out
     assert all((finished_run / n).stat().st_size > 0 for n in ("curves.png", "confusion.png"))
     assert (finished_run / "augmentations.png").stat().st_mtime_ns == drawn_at_start
-    assert len(rows(finished_run)) == 3
+    assert len(metrics(finished_run)) == 3
 
 
 # ---- --out
@@ -396,10 +395,10 @@ def test_out_that_cannot_be_a_folder(tiny, tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     decoded = []
     monkeypatch.setattr(exp, "load_cifar10", lambda *a, **k: decoded.append(a))
-    fails(["--data-dir", tiny, "--out", tmp_path / "file"], "is a file")
-    fails(["--data-dir", tiny, "--out", tmp_path / "file" / "run"], "is a file")
+    refused(["--data-dir", tiny, "--out", tmp_path / "file"], "is a file")
+    refused(["--data-dir", tiny, "--out", tmp_path / "file" / "run"], "is a file")
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as if not root, read-only
-    fails(["--data-dir", tiny, "--out", tmp_path / "ro" / "run"], "not writable")
+    refused(["--data-dir", tiny, "--out", tmp_path / "ro" / "run"], "not writable")
     assert decoded == []  # refused before any image was decoded
 
 
@@ -424,4 +423,4 @@ def test_a_folder_holding_only_an_unfinished_runs_log_is_reused(tiny, tmp_path):
     (run / "train.log").write_text("data: ...\nconfig: ...\nEpoch 1, Batch 100: Train Loss: 2\n")
     trains(["--data-dir", tiny, "--out", run, *ONE_EPOCH])
     assert (run / "train.log").read_text().startswith("data: ImageFolder")
-    assert len(rows(run)) == 1
+    assert len(metrics(run)) == 1
