@@ -1016,12 +1016,22 @@ def umask():
     return mask
 
 
-def remove_temporaries(folder):
-    """The temporaries of a run that was killed while it wrote one of its files."""
-    for path in folder.glob("*.tmp"):
-        if any(path.name.startswith(name + ".") for name in RUN_FILES):
-            with contextlib.suppress(OSError):
-                path.unlink()
+def run_files_in(folder, temporaries_only=False):
+    """The files in folder that a run writes, and the temporaries of them that a run killed
+    while writing left behind (write_atomically's NAME.XXXXXXXX.tmp)."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        temporary = path.suffix == ".tmp" and any(path.name.startswith(name + ".")
+                                                  for name in RUN_FILES)
+        if not path.is_dir() and (temporary or path.name in RUN_FILES and not temporaries_only):
+            found.append(path)
+    return found
+
+
+def remove_run_files(folder, temporaries_only=False):
+    for path in run_files_in(folder, temporaries_only):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def save_checkpoint(path, state):
@@ -1578,14 +1588,17 @@ def check_folder_holds_the_run(folder, checkpoint, state):
         if path.is_file() and not path.samefile(checkpoint):
             with contextlib.suppress(Exception):  # not a checkpoint: not a run's
                 others.add(torch.load(path, map_location="cpu", weights_only=True)["run_id"])
-    log = folder / "train.log"
-    if log.is_file():
-        others.update(re.findall(r"^run id: (\w+)$", read_log(log), re.M))
+    others.update(run_ids_in_log(folder / "train.log"))
     others.discard(state["run_id"])
     if others:
         raise UserError(f"{folder} holds the files of another run (run id {sorted(others)[0]}) "
                         f"than {checkpoint.name} (run id {state['run_id']}): resuming would "
                         f"overwrite them; move {checkpoint.name} into a folder of its own first")
+
+
+def run_ids_in_log(log):
+    """The run ids a train.log names: none where it is not a run's log (or not a file)."""
+    return re.findall(r"^run id: (\w+)$", read_log(log), re.M) if log.is_file() else []
 
 
 def read_log(path):
@@ -1682,13 +1695,31 @@ def take_run_folder(args, held, resuming):
                         "run to end") from None
     except OSError as e:  # some network filesystems cannot lock
         note = f"note: the run folder cannot be locked here ({e.strerror}); running without a lock"
-    if not resuming and holds_results(args.out) and not args.overwrite:
-        last = args.out / "last.pt"
-        how = f"use --resume {last} to continue or " if last.exists() else ""
-        raise UserError(f"run folder {args.out} already holds results; "
-                        f"{how}--overwrite to start over")
-    remove_temporaries(args.out)
+    if resuming:
+        remove_run_files(args.out, temporaries_only=True)
+    elif not args.overwrite:
+        check_nothing_is_replaced(args.out)
     return note
+
+
+def check_nothing_is_replaced(folder):
+    """A new run replaces the files in folder that carry its files' names only with --overwrite,
+    or where they are of an earlier start of this script that finished no epoch (a retry)."""
+    try:
+        if holds_results(folder):
+            last = folder / "last.pt"
+            how = f"use --resume {last} to continue or " if last.exists() else ""
+            raise UserError(f"run folder {folder} already holds results; "
+                            f"{how}--overwrite to start over")
+        if run_ids_in_log(folder / "train.log"):
+            return  # the earlier start's own files
+        in_the_way = [path.name for path in run_files_in(folder)]
+    except OSError as e:
+        raise UserError(f"cannot read the run folder {folder}: {e}") from None
+    if in_the_way:
+        raise UserError(f"run folder {folder} holds files the run would replace: "
+                        f"{', '.join(in_the_way)}; move them away, or add --overwrite to replace "
+                        "them")
 
 
 class RunData(NamedTuple):
@@ -1842,8 +1873,7 @@ def train(args, resume_state, log):
             load_weights(training.model, resume_state, args.resume)
             history = restore_training(training, resume_state, args.resume)
         else:
-            for name in RUN_FILES:  # an earlier run's, with --overwrite
-                (args.out / name).unlink(missing_ok=True)
+            remove_run_files(args.out)  # an earlier run's, with --overwrite or from a retry
             args.run_id = uuid.uuid4().hex[:12]
             log.open(args.out, append=False)
         log_header(args, runtime, data, log)

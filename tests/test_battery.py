@@ -420,7 +420,8 @@ def test_overwrite_removes_the_previous_runs_pictures(finished_run, tiny, monkey
 def test_a_folder_holding_only_an_unfinished_runs_log_is_reused(tiny, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "train.log").write_text("data: ...\nconfig: ...\nEpoch 1, Batch 100: Train Loss: 2\n")
+    (run / "train.log").write_text("data: ...\nconfig: ...\nrun id: 0123456789ab\n"
+                                   "Epoch 1, Batch 100: Train Loss: 2\n")
     trains(["--data-dir", tiny, "--out", run, *ONE_EPOCH])
     assert (run / "train.log").read_text().startswith("data: ImageFolder")
     assert len(metrics(run)) == 1

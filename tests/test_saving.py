@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RUN, exp, make_image_folder, metrics, run_main, stopped_in_epoch
+from conftest import RUN, exp, make_image_folder, metrics, refused, run_main, stopped_in_epoch
 
 pytestmark = pytest.mark.usefixtures("quick")  # blank pictures: see conftest.quick_pictures
 
@@ -106,6 +106,24 @@ def train_log_fails(error, monkeypatch, when="w"):
             raise OSError(error, os.strerror(error))
         return open(path, mode, *args, **kwargs)
     monkeypatch.setattr(exp, "open", opening, raising=False)  # found before the builtin
+
+
+def test_a_users_files_named_as_run_files_are_never_replaced_without_overwrite(tiny, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    mine = {"train.log": b"mine", "curves.png": b"a picture", "last.pt.mybackup.tmp": b"keep",
+            "notes.txt": b"other"}
+    for name, data in mine.items():
+        (run / name).write_bytes(data)
+    err = refused(["--data-dir", tiny, "--out", run, *RUN],
+                  f"run folder {run} holds files the run would replace: curves.png, "
+                  "last.pt.mybackup.tmp, train.log; move them away, or add --overwrite")
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == mine
+    assert run_main(["--data-dir", tiny, "--out", run, *RUN, "--overwrite"]).status == 0
+    assert (run / "notes.txt").read_bytes() == b"other"
+    assert not (run / "last.pt.mybackup.tmp").exists()
+    assert (run / "train.log").read_text().startswith("data: ")
 
 
 def test_a_train_log_that_cannot_be_created_is_one_line(tiny, tmp_path, monkeypatch):
