@@ -158,6 +158,7 @@ import time
 import uuid
 import warnings
 import zipfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -185,9 +186,6 @@ EVAL_BATCH = 1000
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 RUN_FILES = ("train.log", "metrics.csv", "best.pt", "last.pt", "augmentations.png",
              "curves.png", "confusion.png", "misclassified.png")
-# what --resume takes anew from the command line; every other setting comes from the checkpoint
-RESUME_MAY_CHANGE = ("data_dir", "device", "precision", "channels_last", "cuda_graphs", "compile",
-                     "workers", "log_every", "overwrite")
 # what the modes that do not train read; any other flag given with them is refused
 MODE_FLAGS = {
     "evaluate": {"evaluate", "tta", "data_dir", "limit", "device", "precision", "channels_last"},
@@ -199,6 +197,59 @@ MODE_FLAGS = {
 SAVE_FAILED = 74  # exit status when a file of the run cannot be written (sysexits' EX_IOERR)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """The training settings: what a run computes. The flags take their defaults from here; a
+    checkpoint keeps them, and a resume takes them from there."""
+    epochs: int = 100  # passes over the training set
+    batch_size: int = 64  # images per step
+    lr: float = 0.1  # OneCycle's peak learning rate
+    warmup: float = 0.2  # share of the steps rising to the peak
+    weight_decay: float = 5e-4  # on conv/linear weights, not BN or biases
+    label_smoothing: float = 0.1
+    ema: float = 0.999  # decay of the evaluated moving average of the weights (0: off)
+    flip_p: float = 0.5  # probability of a horizontal flip
+    affine_p: float = 0.5  # of the shift/scale/rotate Affine
+    dropout_p: float = 0.25  # of the 16x16 CoarseDropout hole
+    seed: int = 0  # of the initial weights, the batch order and the augmentations
+    limit: int | None = None  # the first N images of each split, class-balanced
+    val: int | None = None  # N training images held out and reported on instead of the test set
+
+
+RECIPE = Recipe()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where and how a run runs: the flags that are not the recipe (on --resume the checkpoint's,
+    but those given anew), and what follows from them."""
+    data_dir: Path  # as given: the log and the checkpoint keep it so
+    data_folder: Path  # where the data is found from here (a resume may find it elsewhere)
+    out: Path | None  # the run folder asked for; None: runs/<date-time>
+    overwrite: bool
+    log_every: int
+    device: str  # the runtime as asked ("auto", ...); make_runtime resolves it
+    precision: str
+    channels_last: str
+    cuda_graphs: str
+    compile: bool
+    workers: int | None
+    resume: Path | None  # the checkpoint continued, where it really is
+    run_id: str  # the run's own: a new one, or the resumed run's
+
+
+RECIPE_FIELDS = [f.name for f in fields(Recipe)]
+PLAN_FLAGS = [f.name for f in fields(Plan) if f.name not in ("data_folder", "run_id")]
+# the flags of the modes that do not train: a training run's checkpoint keeps them too
+TRAINING_MODES = {"evaluate": None, "tta": False, "summary": False, "benchmark": False}
+
+
+def make_settings(flags, **plan):
+    """The recipe and the plan of a run from {flag: value}; plan: the plan's other values."""
+    recipe = Recipe(**{k: flags[k] for k in RECIPE_FIELDS})
+    return recipe, Plan(**{**{k: flags[k] for k in PLAN_FLAGS}, **plan})
+
+
 def build_parser():
     p = OneLineParser(prog="experiment2_cifar_cnn.py", description=__doc__.split("\n\n")[0],
                       formatter_class=HelpFormatter,
@@ -207,29 +258,29 @@ def build_parser():
                       "line says what is saved; 130, 143 or 129 stopped by Ctrl-C, SIGTERM or a "
                       "closed terminal (SIGHUP), the line says what is saved and how to continue")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=number(int, zero_ok=False), default=100,
+    g.add_argument("--epochs", type=number(int, zero_ok=False), default=RECIPE.epochs,
                    help="passes over the training set")
-    g.add_argument("--batch-size", type=number(int, zero_ok=False), default=64,
+    g.add_argument("--batch-size", type=number(int, zero_ok=False), default=RECIPE.batch_size,
                    help="images per step")
-    g.add_argument("--lr", type=number(float, zero_ok=False), default=0.1,
+    g.add_argument("--lr", type=number(float, zero_ok=False), default=RECIPE.lr,
                    help="OneCycle peak learning rate (the momentum "
                    f"falls from {MAX_MOMENTUM} to {MIN_MOMENTUM} meanwhile)")
-    g.add_argument("--warmup", type=number(float, high=1), default=0.2,
+    g.add_argument("--warmup", type=number(float, high=1), default=RECIPE.warmup,
                    help="share of steps rising to the peak LR")
-    g.add_argument("--weight-decay", type=number(float), default=5e-4,
+    g.add_argument("--weight-decay", type=number(float), default=RECIPE.weight_decay,
                    help="on conv/linear weights, not BN or biases")
-    g.add_argument("--label-smoothing", type=number(float, high=1), default=0.1,
+    g.add_argument("--label-smoothing", type=number(float, high=1), default=RECIPE.label_smoothing,
                    help="of the cross-entropy targets")
-    g.add_argument("--ema", type=number(float, high=1), default=0.999,
+    g.add_argument("--ema", type=number(float, high=1), default=RECIPE.ema,
                    help="decay of the moving average of the weights, updated every step, "
                    "that is evaluated and saved (0: off)")
-    g.add_argument("--flip-p", type=number(float, high=1), default=0.5,
+    g.add_argument("--flip-p", type=number(float, high=1), default=RECIPE.flip_p,
                    help="probability of a horizontal flip")
-    g.add_argument("--affine-p", type=number(float, high=1), default=0.5,
+    g.add_argument("--affine-p", type=number(float, high=1), default=RECIPE.affine_p,
                    help="probability of the shift/scale/rotate Affine")
-    g.add_argument("--dropout-p", type=number(float, high=1), default=0.25,
+    g.add_argument("--dropout-p", type=number(float, high=1), default=RECIPE.dropout_p,
                    help="probability of the 16x16 CoarseDropout hole")
-    g.add_argument("--seed", type=number(int, high=2**32 - 1), default=0,
+    g.add_argument("--seed", type=number(int, high=2**32 - 1), default=RECIPE.seed,
                    help="of the initial weights, the batch order and the augmentations")
     add_run_flags(p)
     return p
@@ -518,13 +569,13 @@ class AugmentationSample(NamedTuple):
     draws: list  # of (uint8 HWC image, text of what was applied)
 
 
-def augmentation_samples(images, labels, args, draws=7):
+def augmentation_samples(images, labels, recipe, draws=7):
     """The first training image of each class present and `draws` augmentations of it by the
     run's pipeline settings. A pipeline of its own, seeded by --seed, draws them: the training's
     augmentation streams are not touched."""
-    augment = train_transform(args.flip_p, args.affine_p, args.dropout_p,
+    augment = train_transform(recipe.flip_p, recipe.affine_p, recipe.dropout_p,
                               save_applied_params=True)
-    augment.set_random_seed(args.seed)
+    augment.set_random_seed(recipe.seed)
     samples = []
     for label in np.unique(labels):
         image = images[np.flatnonzero(labels == label)[0]]
@@ -792,6 +843,8 @@ class Runtime(NamedTuple):
     precision: str  # "fp32", "bf16" or "fp16" (autocast)
     channels_last: bool
     cuda_graphs: bool = False  # the step's forward and backward replayed as CUDA graphs
+    compile: bool = False  # the model torch.compile'd
+    workers: int = 0  # DataLoader worker processes
 
     def autocast(self):
         if self.precision == "fp32":
@@ -914,48 +967,48 @@ def evaluate(model, images, labels, runtime, flip_average=False):
     return loss / len(labels), 100 * (preds == labels).float().mean().item(), preds
 
 
-def make_optimizer(model, args):
+def make_optimizer(model, recipe):
     decay = [p for p in model.parameters() if p.ndim > 1]  # BN scales/shifts and biases: none
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+    return torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
-                           lr=args.lr, momentum=MAX_MOMENTUM, nesterov=True)
+                           lr=recipe.lr, momentum=MAX_MOMENTUM, nesterov=True)
 
 
-def make_scheduler(optimizer, args, total_steps):
-    pct_start = args.warmup
+def make_scheduler(optimizer, recipe, total_steps):
+    pct_start = recipe.warmup
     # OneCycleLR divides by the length of its warm-up (ending at step warmup_end) and of its
     # decay (from there to the last step): where one would be 0 steps, it is made half a step
-    warmup_end = float(args.warmup * total_steps) - 1
+    warmup_end = float(recipe.warmup * total_steps) - 1
     if warmup_end in (0, total_steps - 1):
-        pct_start = (args.warmup * total_steps - 0.5) / total_steps
+        pct_start = (recipe.warmup * total_steps - 0.5) / total_steps
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, args.lr, total_steps=total_steps, pct_start=pct_start,
+        optimizer, recipe.lr, total_steps=total_steps, pct_start=pct_start,
         base_momentum=MIN_MOMENTUM, max_momentum=MAX_MOMENTUM)
 
 
-def make_training(args, runtime, total_steps, compiled):
+def make_training(recipe, runtime, total_steps):
     """The model (seeded by --seed), its optimizer, schedule, loss and EMA, on the device."""
-    torch.manual_seed(args.seed)
+    torch.manual_seed(recipe.seed)
     model = Net().to(runtime.device, memory_format=memory_format(runtime.channels_last))
-    optimizer = make_optimizer(model, args)
+    optimizer = make_optimizer(model, recipe)
     # the average of the weights over the last ~1/(1 - decay) steps is what gets evaluated: far
     # steadier mid-run, +0.2 points at the end of two 60-epoch validation runs (README). Copied
     # before the model is graphed, so that the copy runs its own forward
-    ema = EMA(model, args.ema) if args.ema else None
+    ema = EMA(model, recipe.ema) if recipe.ema else None
     return Training(
-        model=model, forward=stepped_module(model, runtime, compiled, args.batch_size),
+        model=model, forward=stepped_module(model, runtime, recipe.batch_size),
         optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, args, total_steps),
+        scheduler=make_scheduler(optimizer, recipe, total_steps),
         scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
-        criterion=nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
+        criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
         ema=ema)
 
 
-def stepped_module(model, runtime, compiled, batch_size):
+def stepped_module(model, runtime, batch_size):
     """What the training step calls. On a GPU this net's batch-64 step is bound by launching its
     ~200 small kernels, not by computing them: a CUDA graph launches each pass at once."""
-    if compiled:
+    if runtime.compile:
         # on a CPU, where a CUDA toolkit is installed, torch says it found no CUDA runtime
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         return torch.compile(model, mode="reduce-overhead" if runtime.cuda_graphs else "default")
@@ -1040,23 +1093,28 @@ def save_checkpoint(path, state):
     write_atomically(path, buffer.getvalue())
 
 
-def recorded_settings(args):
-    """The run's settings as the log and the checkpoint keep them: the flags, --data-dir as
-    given."""
-    return {k: v for k, v in vars(args).items() if k not in ("data_folder", "run_id")}
+def recorded_settings(recipe, plan, folder, runtime):
+    """The run's flags as the log and the checkpoint keep them: --data-dir as given, the run
+    folder and the worker count as the run took them."""
+    return {**asdict(recipe), **{k: getattr(plan, k) for k in PLAN_FLAGS}, **TRAINING_MODES,
+            "out": folder, "workers": runtime.workers}
 
 
-def checkpoint_state(training, history, args, runtime, data):
+def run_record(recipe, plan, folder, runtime, data):
+    """What each checkpoint of the run keeps besides its training state."""
+    return {"args": {k: str(v) if isinstance(v, Path) else v
+                     for k, v in recorded_settings(recipe, plan, folder, runtime).items()},
+            # --data-dir as given is kept for the logs; this finds it from another directory
+            "data_dir_resolved": str(Path(plan.data_folder).resolve()),
+            # what a resume checks: that it continues this run, on its data, as it ran
+            "run_id": plan.run_id, "data": data.record, "resolved": resolved_settings(runtime)}
+
+
+def checkpoint_state(training, history, record):
     state = {"model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
              "scheduler": training.scheduler.state_dict(), "scaler": training.scaler.state_dict(),
              "rng": torch.get_rng_state(), "epoch": history[-1]["epoch"], "history": history,
-             "args": {k: str(v) if isinstance(v, Path) else v
-                      for k, v in recorded_settings(args).items()},
-             # --data-dir as given is kept for the logs; this finds it from another directory
-             "data_dir_resolved": str(Path(args.data_folder).resolve()),
-             # what a resume checks: that it continues this run, on its data, as it ran
-             "run_id": args.run_id, "data": data.record,
-             "resolved": resolved_settings(args, runtime)}
+             **record}
     if training.ema:
         state["ema"] = training.ema.model.state_dict()
     return state
@@ -1185,14 +1243,15 @@ def augmentation_cell(row, column):
             MARGIN_TOP + row * CELL_HEIGHT)
 
 
-def plot_augmentations(samples, args):
+def plot_augmentations(samples, recipe):
     """Each class's image as decoded, then its draws, each labelled with what was applied. The
     images are placed pixel for pixel (figimage, no resampling or smoothing)."""
     columns = 1 + len(samples[0].draws)
     width, height = MARGIN_LEFT + columns * CELL_WIDTH, MARGIN_TOP + len(samples) * CELL_HEIGHT
     fig = pyplot().figure(figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI)
-    fig.text(0.5, 1 - 12 / height, f"what the network sees: flip p={args.flip_p}, affine "
-             f"p={args.affine_p}, hole p={args.dropout_p} (seed {args.seed}; before normalising)",
+    fig.text(0.5, 1 - 12 / height, f"what the network sees: flip p={recipe.flip_p}, affine "
+             f"p={recipe.affine_p}, hole p={recipe.dropout_p} (seed {recipe.seed}; before "
+             "normalising)",
              ha="center", va="top", fontsize=10)
     for row, sample in enumerate(samples):
         cells = [(sample.image, "as decoded")] + sample.draws
@@ -1301,14 +1360,13 @@ def rate(fn, device, seconds=3.0, warmup=3):
     return n / (time.perf_counter() - start)
 
 
-def benchmark_data(args):
+def benchmark_data(data_dir, limit):
     """Real images where --data-dir holds CIFAR-10, else random ones."""
-    data_dir = Path(args.data_dir)
     if holds_cifar10(data_dir):
-        splits, kind, _, _ = load_cifar10(data_dir, limit=args.limit or 10_000)
-        return splits, f"{kind} {args.data_dir}"
+        splits, kind, _, _ = load_cifar10(data_dir, limit=limit or 10_000)
+        return splits, f"{kind} {data_dir}"
     g = np.random.default_rng(0)
-    n = args.limit or 2_000
+    n = limit or 2_000
     splits = {s: (g.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n) % 10)
               for s in ("train", "test")}
     return splits, "synthetic random images (no CIFAR-10 found at --data-dir)"
@@ -1320,22 +1378,21 @@ class StepSetup(NamedTuple):
     batch: tuple
 
 
-def benchmark_steps(args, variants):
+def benchmark_steps(recipe, variants):
     """{name: training step rate in img/s} on one ready batch, the variants alternated."""
     setups = {}
     for name, runtime in variants.items():
-        x = torch.randn(args.batch_size, 3, 32, 32, device=runtime.device)
-        y = torch.randint(0, 10, (args.batch_size,), device=runtime.device)
+        x = torch.randn(recipe.batch_size, 3, 32, 32, device=runtime.device)
+        y = torch.randint(0, 10, (recipe.batch_size,), device=runtime.device)
         x = x.contiguous(memory_format=memory_format(runtime.channels_last))
-        compiled = args.compile and name == "configured"
-        training = make_training(args, runtime, 10**7, compiled)  # a schedule longer than needed
+        training = make_training(recipe, runtime, 10**7)  # a schedule longer than needed
         setups[name] = StepSetup(runtime, training, (x, y))
     rates = dict.fromkeys(setups, 0.0)
     for _ in range(3):  # alternate, best of three: a noisy machine slows both alike
         for name, s in setups.items():
             def step():
                 training_step(s.training, s.runtime, *s.batch)
-            rates[name] = max(rates[name], rate(step, s.runtime.device, 1.5) * args.batch_size)
+            rates[name] = max(rates[name], rate(step, s.runtime.device, 1.5) * recipe.batch_size)
     return rates, setups["configured"].training
 
 
@@ -1362,37 +1419,38 @@ def benchmark_epoch(loader, runtime, training, test_split):
     return epoch_rate, eval_rate
 
 
-def benchmark(args, runtime, log):
+def benchmark(recipe, plan, runtime, log):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(runtime.precision, torch.float32)
     a = torch.randn(2048, 2048, device=runtime.device, dtype=dtype)
     matmul = rate(lambda: a @ a, runtime.device) * 2 * 2048**3 / 1e9
     log(f"matmul 2048x2048 {runtime.precision}: {matmul:.0f} GFLOP/s")
-    splits, source = benchmark_data(args)
-    if len(splits["train"][1]) < args.batch_size:
-        raise UserError(f"--benchmark needs at least --batch-size ({args.batch_size}) training "
-                        f"images; --limit {args.limit} gives {len(splits['train'][1])}")
+    splits, source = benchmark_data(plan.data_dir, recipe.limit)
+    if len(splits["train"][1]) < recipe.batch_size:
+        raise UserError(f"--benchmark needs at least --batch-size ({recipe.batch_size}) training "
+                        f"images; --limit {recipe.limit} gives {len(splits['train'][1])}")
     log(f"data: {source}, {len(splits['train'][1])} train images")
 
     flops = train_flops_per_image(Net())
     variants = {"configured": runtime,
                 "plain NCHW fp32": Runtime(runtime.device, "fp32", False)}
-    steps, training = benchmark_steps(args, variants)
+    steps, training = benchmark_steps(recipe, variants)
     for name, r in variants.items():
-        compiled = ", compiled" if args.compile and name == "configured" else ""
+        compiled = ", compiled" if r.compile else ""
         graphs = ", CUDA graphs" if r.cuda_graphs else ""
         log(f"train step, {name} ({r.precision}, channels_last={r.channels_last}{graphs}"
             f"{compiled}), "
-            f"batch {args.batch_size}: {steps[name]:.0f} img/s, "
+            f"batch {recipe.batch_size}: {steps[name]:.0f} img/s, "
             f"{steps[name] * flops / 1e9:.0f} GFLOP/s")
 
     dataset = AugmentedBatches(*splits["train"],
-                               train_transform(args.flip_p, args.affine_p, args.dropout_p))
-    loader = TrainLoader(dataset, args.batch_size, 0, args.workers, runtime.device)
+                               train_transform(recipe.flip_p, recipe.affine_p, recipe.dropout_p))
+    loader = TrainLoader(dataset, recipe.batch_size, 0, runtime.workers, runtime.device)
     log(f"data pipeline alone (decoded arrays -> augment -> uint8 batches, "
-        f"{args.workers} workers): {benchmark_pipeline(loader):.0f} img/s")
+        f"{runtime.workers} workers): {benchmark_pipeline(loader):.0f} img/s")
     epoch, evaluation = benchmark_epoch(loader, runtime, training, splits["test"])
     loader.close()
-    log(f"training epoch end to end ({len(loader) * args.batch_size} images): {epoch:.0f} img/s")
+    log(f"training epoch end to end ({len(loader) * recipe.batch_size} images): "
+        f"{epoch:.0f} img/s")
     log(f"evaluation: {evaluation:.0f} img/s")
     step = steps["configured"]
     # roofline: the step's FLOP/s over a big matmul's; a net this small is far from it on a CPU
@@ -1432,25 +1490,26 @@ def resolve_precision(name, device):
     return name
 
 
-def make_runtime(args, log):
-    """The Runtime of the flags; fills in the worker count."""
-    device = resolve_device(args.device)
-    if device.type == "cpu" and args.device == "auto" and nvidia_driver_present():
+def make_runtime(plan, log):
+    """The Runtime the plan asks for, 'auto' resolved for this machine."""
+    device = resolve_device(plan.device)
+    if device.type == "cpu" and plan.device == "auto" and nvidia_driver_present():
         build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         log(f"note: an NVIDIA driver is present but torch {torch.__version__} ({build}) cannot "
             "use it, so this runs on the CPU; install the torch build that matches the driver")
-    if args.workers is None:
-        args.workers = 0 if device.type == "cpu" else min(8, usable_cpus() // 2)
-    if args.workers > usable_cpus():
-        log(f"note: {args.workers} workers on {usable_cpus()} usable CPUs: more workers than "
+    workers = plan.workers
+    if workers is None:
+        workers = 0 if device.type == "cpu" else min(8, usable_cpus() // 2)
+    if workers > usable_cpus():
+        log(f"note: {workers} workers on {usable_cpus()} usable CPUs: more workers than "
             "CPUs only slow the run")
-    precision = resolve_precision(args.precision, device)
-    channels_last = args.channels_last == "on" or (args.channels_last == "auto"
+    precision = resolve_precision(plan.precision, device)
+    channels_last = plan.channels_last == "on" or (plan.channels_last == "auto"
                                                    and device.type == "cpu")
-    if args.cuda_graphs == "on" and device.type != "cuda":
+    if plan.cuda_graphs == "on" and device.type != "cuda":
         raise UserError("--cuda-graphs on needs CUDA")
-    cuda_graphs = args.cuda_graphs != "off" and device.type == "cuda"
-    return Runtime(device, precision, channels_last, cuda_graphs)
+    cuda_graphs = plan.cuda_graphs != "off" and device.type == "cuda"
+    return Runtime(device, precision, channels_last, cuda_graphs, plan.compile, workers)
 
 
 def usable_cpus():
@@ -1474,25 +1533,25 @@ def code_version():
     return f"code: commit {commit}" + (", with uncommitted changes" if changed else "")
 
 
-def describe(runtime, workers=None):
+def describe(runtime, workers=False):
     graphs = ", CUDA graphs" if runtime.cuda_graphs else ""
     line = (f"device: {runtime.device}, precision: {runtime.precision}, "
             f"channels_last: {runtime.channels_last}{graphs}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
-    return line if workers is None else f"{line}, {workers} workers"
+    return f"{line}, {runtime.workers} workers" if workers else line
 
 
-def evaluate_checkpoint(args, log):
+def evaluate_checkpoint(checkpoint, tta, limit, plan, log):
     model = Net()
-    load_weights(model, read_checkpoint(args.evaluate), args.evaluate, weights="ema")
-    runtime = make_runtime(args, log)
-    splits, kind, _, _ = load_cifar10(args.data_dir, args.limit, splits=("test",))
+    load_weights(model, read_checkpoint(checkpoint), checkpoint, weights="ema")
+    runtime = make_runtime(plan, log)
+    splits, kind, _, _ = load_cifar10(plan.data_dir, limit, splits=("test",))
     model.to(runtime.device, memory_format=memory_format(runtime.channels_last))
     images, labels = as_tensors(*splits["test"])
     views = {False: "", True: ", each image averaged with its mirror"}
-    for flip_average in ([False, True] if args.tta else [False]):
+    for flip_average in ([False, True] if tta else [False]):
         loss, acc, _ = evaluate(model, images, labels, runtime, flip_average)
-        log(f"{args.evaluate} on {kind} {args.data_dir} test{views[flip_average]}: "
+        log(f"{checkpoint} on {kind} {plan.data_dir} test{views[flip_average]}: "
             f"Test Loss: {loss:.4f}, Test Accuracy: {acc:.2f}%")
 
 
@@ -1513,8 +1572,9 @@ def check_flags(args, given):
         if getattr(args, mode) and unused:
             raise UserError(f"--{mode} does not use {', '.join(unused)}")
     if args.resume:
+        # a resume takes anew where and how to run (the plan), but never the folder
         fixed = [f"--{k.replace('_', '-')}" for k in sorted(given)
-                 if k not in RESUME_MAY_CHANGE + ("resume",)]
+                 if k in RECIPE_FIELDS or k == "out"]
         if "--epochs" in fixed:
             raise UserError("--epochs cannot change on --resume: the OneCycle schedule of the run "
                             "was laid out for its epochs; to train longer, start a new run")
@@ -1524,7 +1584,7 @@ def check_flags(args, given):
 
 
 def resumed_settings(args, given):
-    """The run's own settings from the checkpoint, with the flags given anew; the checkpoint."""
+    """The run's recipe and plan from the checkpoint, with the flags given anew; the checkpoint."""
     state = read_checkpoint(args.resume)
     if not {"optimizer", "scheduler", "scaler", "rng", "epoch", "history", "args"} <= set(state):
         raise UserError(f"{args.resume} holds weights but no training state to resume; "
@@ -1532,27 +1592,27 @@ def resumed_settings(args, given):
     if not (isinstance(state["epoch"], int) and isinstance(state["history"], list)
             and isinstance(state["args"], dict) and isinstance(state.get("resolved", {}), dict)):
         raise UserError(f"{args.resume} holds a damaged training state")
-    settings = checkpoint_settings(state, args.resume)
-    for name in given:
-        setattr(settings, name, getattr(args, name))
+    flags = {**vars(checkpoint_settings(state, args.resume)),
+             **{name: getattr(args, name) for name in given}}
     # the folder the checkpoint really is in (through a symbolic link too) is the run's
-    settings.resume = Path(os.path.realpath(args.resume))
-    settings.out = settings.resume.parent
-    check_folder_holds_the_run(settings.out, settings.resume, state)
-    settings.data_folder = settings.data_dir
-    splits = ("train",) if settings.val else ("train", "test")
-    if "data_dir" not in given and not holds_cifar10(settings.data_dir, splits):
+    resume = Path(os.path.realpath(args.resume))
+    check_folder_holds_the_run(resume.parent, resume, state)
+    data_folder = flags["data_dir"]
+    splits = ("train",) if flags["val"] else ("train", "test")
+    if "data_dir" not in given and not holds_cifar10(data_folder, splits):
         # a relative --data-dir, resumed from another directory: found through its absolute path
-        elsewhere = Path(state.get("data_dir_resolved", settings.data_dir))
-        if not holds_cifar10(elsewhere, splits):
-            raise UserError(f"the run's data (--data-dir {settings.data_dir}) is not found from "
+        data_folder = Path(state.get("data_dir_resolved", data_folder))
+        if not holds_cifar10(data_folder, splits):
+            raise UserError(f"the run's data (--data-dir {flags['data_dir']}) is not found from "
                             "here; give --data-dir with where it is now")
-        settings.data_folder = elsewhere
-    check_rewind(settings, state)
+    # a checkpoint of an older version has no run id: the run gets one from here on
+    recipe, plan = make_settings(flags, data_folder=data_folder, out=resume.parent, resume=resume,
+                                 run_id=state.get("run_id") or uuid.uuid4().hex[:12])
+    check_rewind(plan, state)
     threads = state.get("resolved", {}).get("threads")
     if isinstance(threads, int) and threads > 0 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(threads)  # the run's own: on a CPU the count changes the numbers
-    return settings, state
+    return recipe, plan, state
 
 
 def checkpoint_settings(state, path):
@@ -1608,15 +1668,15 @@ def read_log(path):
         raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
-def check_rewind(args, state):
+def check_rewind(plan, state):
     """Resuming from an earlier epoch than the run's latest would rewrite the later ones."""
     with contextlib.suppress(OSError, ValueError, csv.Error):  # the checkpoint is what counts
-        with open(args.out / "metrics.csv") as f:
+        with open(plan.out / "metrics.csv") as f:
             latest = max(len(list(csv.DictReader(f))), state["epoch"])
-        if latest > state["epoch"] and not args.overwrite:
-            last = args.out / "last.pt"
-            other = "" if last.resolve() == args.resume else f"resume from {last}, or "
-            raise UserError(f"{args.resume} holds epoch {state['epoch']}, but {args.out} holds "
+        if latest > state["epoch"] and not plan.overwrite:
+            last = plan.out / "last.pt"
+            other = "" if last.resolve() == plan.resume else f"resume from {last}, or "
+            raise UserError(f"{plan.resume} holds epoch {state['epoch']}, but {plan.out} holds "
                             f"epochs up to {latest}: resuming from it would rewrite them; "
                             f"{other}add --overwrite to rewind the run")
 
@@ -1653,11 +1713,11 @@ def holds_results(folder):
     return log.is_file() and bool(re.search(r"^Epoch \d+/\d+,", read_log(log), re.M))
 
 
-def make_run_folder(args):
+def make_run_folder(plan):
     """Creates the run folder: --out, or runs/<date-time>. One it makes is removed again if the
     run ends before it writes in it."""
     try:
-        if args.out is None:
+        if plan.out is None:
             stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
             for n in range(1, 1000):  # two runs started in the same second get two folders
                 out = stamp.with_name(f"{stamp.name}-{n}") if n > 1 else stamp
@@ -1666,40 +1726,40 @@ def make_run_folder(args):
                     STOP.leftovers.append(out)
                     return out
             raise UserError(f"no free run folder name in runs/ for {stamp.name}; give --out")
-        if not args.out.exists():
-            args.out.mkdir(parents=True)
-            STOP.leftovers.append(args.out)
-        return args.out
+        if not plan.out.exists():
+            plan.out.mkdir(parents=True)
+            STOP.leftovers.append(plan.out)
+        return plan.out
     except OSError as e:
-        raise UserError(f"cannot make the run folder {args.out or 'runs/'}: {e}") from None
+        raise UserError(f"cannot make the run folder {plan.out or 'runs/'}: {e}") from None
 
 
-def take_run_folder(args, held, resuming):
+def take_run_folder(plan, held):
     """Makes (a new run) and locks the run folder for the whole run (released by `held`), and
     only then checks what it holds: of two runs given one folder, the second is refused rather
-    than both passing the check. Returns a note where this filesystem cannot lock."""
-    check_out_folder(args.out or Path("runs"), args.data_folder)
-    if not resuming:
-        args.out = make_run_folder(args)
+    than both passing the check. Returns the folder, and a note where this filesystem cannot
+    lock."""
+    check_out_folder(plan.out or Path("runs"), plan.data_folder)
+    folder = plan.out if plan.resume else make_run_folder(plan)
     note = None
     try:
         import fcntl
-        fd = os.open(args.out, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY)
         held.callback(os.close, fd)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except ImportError:  # Windows
         note = "note: run folders are not locked on this system"
     except BlockingIOError:
-        other = "" if resuming else "give another --out, or "
-        raise UserError(f"run folder {args.out} is in use by another run; {other}wait for that "
+        other = "" if plan.resume else "give another --out, or "
+        raise UserError(f"run folder {folder} is in use by another run; {other}wait for that "
                         "run to end") from None
     except OSError as e:  # some network filesystems cannot lock
         note = f"note: the run folder cannot be locked here ({e.strerror}); running without a lock"
-    if resuming:
-        remove_run_files(args.out, temporaries_only=True)
-    elif not args.overwrite:
-        check_nothing_is_replaced(args.out)
-    return note
+    if plan.resume:
+        remove_run_files(folder, temporaries_only=True)
+    elif not plan.overwrite:
+        check_nothing_is_replaced(folder)
+    return folder, note
 
 
 def check_nothing_is_replaced(folder):
@@ -1732,32 +1792,31 @@ class RunData(NamedTuple):
     record: dict  # counts per class and a hash of the files read (load_cifar10)
 
 
-def prepare_training(args, log):
+def prepare_training(recipe, plan, log):
     """The runtime, and the data with its checks: what can go wrong before training."""
-    runtime = make_runtime(args, log)
-    splits, kind, notes, record = load_cifar10(args.data_folder, args.limit, args.val)
-    split = "val" if args.val else "test"
+    runtime = make_runtime(plan, log)
+    splits, kind, notes, record = load_cifar10(plan.data_folder, recipe.limit, recipe.val)
+    split = "val" if recipe.val else "test"
     n_train = len(splits["train"][1])
-    if n_train < args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {n_train} "
+    if n_train < recipe.batch_size:
+        raise UserError(f"--batch-size {recipe.batch_size} is larger than the {n_train} "
                         "training images")
     dataset = AugmentedBatches(*splits["train"],
-                               train_transform(args.flip_p, args.affine_p, args.dropout_p))
-    loader = TrainLoader(dataset, args.batch_size, args.seed, args.workers, runtime.device)
+                               train_transform(recipe.flip_p, recipe.affine_p, recipe.dropout_p))
+    loader = TrainLoader(dataset, recipe.batch_size, recipe.seed, runtime.workers,
+                         runtime.device)
     return runtime, RunData(loader, splits["train"], split, splits[split], kind, notes, record)
 
 
-def resume_notes(args, state, runtime, data):
+def resume_notes(plan, state, runtime, data):
     """Refuses a resume on other data than the run's; notes what could not be checked (a
     checkpoint of an older version) and run settings given anew that change the numbers."""
     if "run_id" not in state:
-        args.run_id = uuid.uuid4().hex[:12]
-        return [f"note: {args.resume} was written by an older version of this script: it holds "
-                f"no run id and no record of its data, so neither that {args.out} holds only this "
+        return [f"note: {plan.resume} was written by an older version of this script: it holds "
+                f"no run id and no record of its data, so neither that {plan.out} holds only this "
                 "run nor that the data is the run's own could be checked"]
-    args.run_id = state["run_id"]
-    check_same_data(state.get("data"), data.record, args)
-    kept, now = state["resolved"], resolved_settings(args, runtime)
+    check_same_data(state.get("data"), data.record, plan)
+    kept, now = state["resolved"], resolved_settings(runtime)
     notes = []
     for k in [k for k in now if k in kept and now[k] != kept[k]]:
         flag = "OMP_NUM_THREADS=" if k == "threads" else f"--{k.replace('_', '-')} "
@@ -1766,57 +1825,52 @@ def resume_notes(args, state, runtime, data):
     return notes
 
 
-def check_same_data(saved, record, args):
+def check_same_data(saved, record, plan):
     if not (isinstance(saved, dict) and isinstance(saved.get("counts"), dict)
             and isinstance(saved.get("sha256"), str)):
-        raise UserError(f"{args.resume} holds a damaged record of its data")
+        raise UserError(f"{plan.resume} holds a damaged record of its data")
     for split, counts in saved["counts"].items():
         found = record["counts"].get(split)
         if found != counts:
-            raise UserError(f"{args.data_dir} is not the data this run trained on: its {split} "
+            raise UserError(f"{plan.data_dir} is not the data this run trained on: its {split} "
                             f"split has {found} images per class, the run's had {counts}")
     if saved["sha256"] != record["sha256"]:
-        raise UserError(f"{args.data_dir} is not the data this run trained on: the same number "
+        raise UserError(f"{plan.data_dir} is not the data this run trained on: the same number "
                         "of images per class, but other image files (another copy, or changed "
                         "images)")
 
 
-def resolved_settings(args, runtime):
+def resolved_settings(runtime):
     """The settings that change the numbers, as this run resolved them ('auto' made concrete,
     the CPU threads): a resumed run keeps them."""
     return {"precision": runtime.precision, "channels_last": "on" if runtime.channels_last
-            else "off", "workers": args.workers, "threads": torch.get_num_threads()}
+            else "off", "workers": runtime.workers, "threads": torch.get_num_threads()}
 
 
-def log_header(args, runtime, data, log):
-    log(f"data: {data.kind} {args.data_dir}: {len(data.train_split[1])} train / "
+def log_header(recipe, plan, folder, runtime, data, log):
+    log(f"data: {data.kind} {plan.data_dir}: {len(data.train_split[1])} train / "
         f"{len(data.eval_split[1])} {data.split} images")
     for what, paths in data.notes.items():
         if paths:
             log(f"note: {len(paths)} {what} (e.g. {paths[0]})")
-    config = recorded_settings(args)
+    config = recorded_settings(recipe, plan, folder, runtime)
     log("config: " + ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
-    log(describe(runtime, args.workers))
+    log(describe(runtime, workers=True))
     log(code_version())
-    log(f"run id: {args.run_id}")
+    log(f"run id: {plan.run_id}")
 
 
-def train_epochs(args, training, runtime, data, history, log):
-    """Trains the epochs after those in history; after each, saves and logs it. Returns the last
+def train_epochs(epochs, training, runtime, data, history, log, log_every, save):
+    """Trains the epochs after those in history; after each, hands the history to save (the
+    checkpoints and metrics.csv, never behind the epoch's line) and logs it. Returns the last
     evaluation's predictions (None if no epoch was left)."""
     images, labels = as_tensors(*data.eval_split)
     run_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
     preds, name, times = None, data.split.capitalize(), []
-    for epoch in range(len(history) + 1, args.epochs + 1):
+    for epoch in range(len(history) + 1, epochs + 1):
         epoch_start = time.perf_counter()
-        try:
-            train_loss, train_acc = train_one_epoch(training, data.loader.epoch(epoch), runtime,
-                                                    epoch, log, args.log_every)
-        except NonFiniteLoss as e:
-            last = args.out / "last.pt"
-            raise UserError(f"{e}; stopped. The last good checkpoint is "
-                            f"{last if last.exists() else 'none (no epoch finished)'}; "
-                            "try a lower --lr") from None
+        train_loss, train_acc = train_one_epoch(training, data.loader.epoch(epoch), runtime,
+                                                epoch, log, log_every)
         evaluated = training.ema.model if training.ema else training.forward
         test_loss, test_acc, preds = evaluate(evaluated, images, labels, runtime)
         now = time.perf_counter()
@@ -1826,17 +1880,12 @@ def train_epochs(args, training, runtime, data, history, log):
                         "test_acc": round(test_acc, 2), "lr": training.scheduler.get_last_lr()[0],
                         "epoch_s": round(now - epoch_start, 1),
                         "elapsed_s": round(now - run_start, 1)})
-        state = checkpoint_state(training, history, args, runtime, data)
-        # last.pt first: best.pt, metrics.csv and the epoch's line are never ahead of it
-        save_checkpoint(args.out / "last.pt", state)
-        if is_best:
-            save_checkpoint(args.out / "best.pt", state)
-        write_metrics(args.out, history)
-        log(f"Epoch {epoch}/{args.epochs}, Train Loss: {train_loss:.4f}, "
+        save(history, is_best)
+        log(f"Epoch {epoch}/{epochs}, Train Loss: {train_loss:.4f}, "
             f"Train Accuracy: {train_acc:.2f}%, {name} Loss: {test_loss:.4f}, "
             f"{name} Accuracy: {test_acc:.2f}%")
         times.append(history[-1]["epoch_s"])
-        log(time_left(epoch, args.epochs, times))
+        log(time_left(epoch, epochs, times))
         STOP.check()
     return preds
 
@@ -1860,45 +1909,64 @@ def time_left(epoch, epochs, times):
     return f"{line}; about {span} left (done near {clock})"
 
 
-def train(args, resume_state, log):
+def train(recipe, plan, resume_state, log):
     with contextlib.ExitStack() as held:  # the run folder's lock
-        notes = [take_run_folder(args, held, resuming=bool(resume_state))]
+        folder, note = take_run_folder(plan, held)
+        notes = [note]
         if resume_state:  # from here on, what an interruption's message says goes there too
-            log.open(args.out, append=True)
-        runtime, data = prepare_training(args, log)
-        training = make_training(args, runtime, args.epochs * len(data.loader), args.compile)
+            log.open(folder, append=True)
+        runtime, data = prepare_training(recipe, plan, log)
+        training = make_training(recipe, runtime, recipe.epochs * len(data.loader))
         history = []
         if resume_state:
-            notes += resume_notes(args, resume_state, runtime, data)
-            load_weights(training.model, resume_state, args.resume)
-            history = restore_training(training, resume_state, args.resume)
+            notes += resume_notes(plan, resume_state, runtime, data)
+            load_weights(training.model, resume_state, plan.resume)
+            history = restore_training(training, resume_state, plan.resume)
         else:
-            remove_run_files(args.out)  # an earlier run's, with --overwrite or from a retry
-            args.run_id = uuid.uuid4().hex[:12]
-            log.open(args.out, append=False)
-        log_header(args, runtime, data, log)
+            remove_run_files(folder)  # an earlier run's, with --overwrite or from a retry
+            log.open(folder, append=False)
+        log_header(recipe, plan, folder, runtime, data, log)
         log(f"Total trainable parameters: {count_parameters(training.model)}")
         for note in filter(None, notes):
             log(note)
         if resume_state:
-            log(f"resumed from {args.resume} after epoch {len(history)}")
-        train_and_report(args, training, runtime, data, history, log)
+            log(f"resumed from {plan.resume} after epoch {len(history)}")
+        save = functools.partial(save_epoch, folder, training,
+                                 run_record(recipe, plan, folder, runtime, data))
+        train_and_report(recipe, plan.log_every, folder, training, runtime, data, history, save,
+                         log)
 
 
-def train_and_report(args, training, runtime, data, history, log):
-    picture = args.out / "augmentations.png"
+def save_epoch(folder, training, record, history, is_best):
+    """An epoch's files: last.pt first, so that best.pt, metrics.csv and the epoch's line are
+    never ahead of it."""
+    state = checkpoint_state(training, history, record)
+    save_checkpoint(folder / "last.pt", state)
+    if is_best:
+        save_checkpoint(folder / "best.pt", state)
+    write_metrics(folder, history)
+
+
+def train_and_report(recipe, log_every, folder, training, runtime, data, history, save, log):
+    picture = folder / "augmentations.png"
     if not picture.exists():  # a resumed run keeps the one drawn at its start
-        samples = augmentation_samples(*data.train_split, args)
-        save_figure(plot_augmentations(samples, args), picture)
+        samples = augmentation_samples(*data.train_split, recipe)
+        save_figure(plot_augmentations(samples, recipe), picture)
     STOP.at_once = False  # from here on a signal waits for the batch or the save under way
     try:
-        preds = train_epochs(args, training, runtime, data, history, log)
+        preds = train_epochs(recipe.epochs, training, runtime, data, history, log, log_every,
+                             save)
+    except NonFiniteLoss as e:
+        last = folder / "last.pt"
+        raise UserError(f"{e}; stopped. The last good checkpoint is "
+                        f"{last if last.exists() else 'none (no epoch finished)'}; "
+                        "try a lower --lr") from None
     finally:
         data.loader.close()
     if preds is None:  # a finished run, resumed to write its report again
         evaluated = training.ema.model if training.ema else training.model
         _, _, preds = evaluate(evaluated, *as_tensors(*data.eval_split), runtime)
-    report(args.out, history, data.split, data.eval_split, preds.numpy(), log)
+    report(folder, history, data.split, data.eval_split, preds.numpy(), log)
     log.finished = True
 
 
@@ -1910,18 +1978,18 @@ def run(args, given, log):
             log.mode = f"--{mode}"  # a mode that writes nothing: a signal ends it at once
     if args.summary:
         return print_summary()
-    if args.evaluate:
-        return evaluate_checkpoint(args, log)
-    if args.benchmark:
-        runtime = make_runtime(args, log)
-        log(describe(runtime))
-        return benchmark(args, runtime, log)
-    resume_state = None
     if args.resume:
-        args, resume_state = resumed_settings(args, given)
-    else:
-        args.data_folder = args.data_dir
-    return train(args, resume_state, log)
+        recipe, plan, resume_state = resumed_settings(args, given)
+        return train(recipe, plan, resume_state, log)
+    recipe, plan = make_settings(vars(args), data_folder=args.data_dir,
+                                 run_id=uuid.uuid4().hex[:12])
+    if args.evaluate:
+        return evaluate_checkpoint(args.evaluate, args.tta, recipe.limit, plan, log)
+    if args.benchmark:
+        runtime = make_runtime(plan, log)
+        log(describe(runtime))
+        return benchmark(recipe, plan, runtime, log)
+    return train(recipe, plan, None, log)
 
 
 # -----------------------------------------------------------------------------

@@ -337,8 +337,8 @@ def test_more_workers_than_cpus_is_a_note_not_a_warning(tiny, tmp_path):
 
 def test_compiling_on_a_cpu_silences_torchs_no_cuda_runtime_line():
     # printed where a CUDA toolkit is installed but no GPU: not the user's concern
-    runtime = exp.Runtime(torch.device("cpu"), "fp32", True)
-    exp.stepped_module(exp.Net(), runtime, compiled=True, batch_size=8)
+    runtime = exp.Runtime(torch.device("cpu"), "fp32", True, compile=True)
+    exp.stepped_module(exp.Net(), runtime, batch_size=8)
     assert logging.getLogger("torch.utils.cpp_extension").level == logging.ERROR
 
 

@@ -13,9 +13,9 @@ CUDA = torch.device("cuda")
 
 def trained(cuda_graphs, steps=5, ema=0.999):
     """A model trained a few steps on fixed random batches, with or without CUDA graphs."""
-    args = exp.build_parser().parse_args(["--ema", str(ema)])
+    args = exp.Recipe(ema=ema)
     runtime = exp.Runtime(CUDA, "fp32", False, cuda_graphs)
-    training = exp.make_training(args, runtime, 100, compiled=False)
+    training = exp.make_training(args, runtime, 100)
     generator, loss = torch.Generator().manual_seed(1), None
     for _ in range(steps):
         x = torch.randint(0, 256, (args.batch_size, 3, 32, 32), dtype=torch.uint8,

@@ -156,8 +156,7 @@ def test_evaluation_runs_the_model_in_eval_mode_and_leaves_it_unchanged():
 
 
 def test_a_step_minimises_the_label_smoothed_cross_entropy_with_decay_on_weights_only():
-    args = exp.build_parser().parse_args([])
-    training = exp.make_training(args, CPU, 10, compiled=False)
+    training = exp.make_training(exp.RECIPE, CPU, 10)
     decayed, kept = training.optimizer.param_groups
     assert decayed["weight_decay"] == 5e-4 and kept["weight_decay"] == 0
     assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim == 1 for p in kept["params"])
