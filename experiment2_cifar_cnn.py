@@ -18,128 +18,23 @@ import os
 import signal
 import sys
 
-# -----------------------------------------------------------------------------
-# Stopping: Ctrl-C, SIGTERM (docker stop, Slurm, systemd) and a closed terminal (SIGHUP), sent to
-# this process or its whole group, from the first line to the exit. First in the file, so that
-# the seconds the imports below take are covered too.
-
+# A stop signal while the imports below take their seconds ends the process in one line; from
+# main() on, the run's own handling (Stop, in Part II) takes over.
 STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 if hasattr(signal, "SIGHUP"):  # not on Windows
     STOP_SIGNALS[signal.SIGHUP] = "SIGHUP (the terminal closed)"
 
 
-class Stopped(Exception):
-    """A stop signal, acted on at a point where the run can stop cleanly."""
-
-    def __init__(self, signum):
-        self.name, self.status = STOP_SIGNALS[signum], 128 + signum  # 130 Ctrl-C, 143 SIGTERM
-        super().__init__(self.name)
+def stopped_while_importing(signum, frame):
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no stderr to say it on
+        print(f"\ninterrupted by {STOP_SIGNALS[signum]}: nothing was written", file=sys.stderr)
+    os._exit(128 + signum)
 
 
-class Stop:
-    """The handler only notes a signal; the run acts on it where it chooses (`check`: between
-    batches, evaluation batches, pictures and saves), so nothing is ever raised inside a library's
-    callback or a DataLoader's set-up, and a save under way is finished. A second signal ends the
-    process at once; so does the first while nothing is under way that must finish (`at_once`:
-    the imports, decoding data, a download, the modes that write nothing, the end). Ending at
-    once removes the `leftovers`: the temporary of a file being written, a run folder made for a
-    run that wrote nothing."""
-
-    arrivals = None  # the read end of the wakeup pipe: one byte per signal delivered
-
-    def __init__(self, log=None):
-        self.log, self.noted, self.at_once, self.leftovers = log, None, True, []
-        self.owner = os.getpid()
-
-    def start(self, log=None):
-        """Takes the stop signals for this process, with the log of the run that begins."""
-        self.__init__(log)
-        for sig in STOP_SIGNALS:
-            if sig == getattr(signal, "SIGHUP", None) and signal.getsignal(sig) == signal.SIG_IGN:
-                continue  # started with nohup: the run is to outlive the terminal
-            signal.signal(sig, self.note)
-        if self.arrivals is None:
-            with contextlib.suppress(ValueError):  # only the main thread may set the pipe
-                read, write = os.pipe()
-                os.set_blocking(read, False)
-                os.set_blocking(write, False)
-                signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-                Stop.arrivals = read
-
-    def note(self, signum, frame):
-        if os.getpid() != self.owner:  # a worker process, forked before it ignores the signals
-            return
-        second = self.noted is not None or self.deliveries() > 1
-        self.noted = signum
-        if self.at_once or second:
-            self.end_now(signum)
-
-    def deliveries(self):
-        """Signals delivered since the last call. Two presses of Ctrl-C during one long C call
-        run the handler once, but each writes a byte to the wakeup pipe."""
-        with contextlib.suppress(OSError, TypeError):  # none pending, or no pipe
-            return len(os.read(self.arrivals, 64))
-        return 1
-
-    def check(self):
-        if self.noted is not None:
-            raise Stopped(self.noted)
-
-    def end_now(self, signum):
-        self.remove_leftovers()
-        stopped = Stopped(signum)
-        self.say(stopped)
-        self.exit(stopped.status)
-
-    def say(self, stopped):
-        """The line that ends a stopped process: what is saved, and how to continue."""
-        where = self.log.where_it_stopped() if self.log else "nothing was written"
-        line = f"interrupted by {stopped.name}: {where}"
-        if self.log:
-            self.log.end(line, after_a_signal=True)
-        else:  # the imports, before a run's log exists
-            with contextlib.suppress(OSError, ValueError):
-                print("\n" + line, file=sys.stderr)
-
-    def remove_leftovers(self):
-        for path in reversed(self.leftovers):
-            with contextlib.suppress(OSError):  # a folder goes only if nothing was written in it
-                if os.path.isdir(path):
-                    os.rmdir(path)
-                else:
-                    os.remove(path)
-        self.leftovers.clear()
-
-    @staticmethod
-    def exit(status):
-        """Ends the process at once rather than through the interpreter's shutdown: seconds of
-        torch's teardown, during which the default handlers are back and a signal would end the
-        process without a line."""
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-        os._exit(status)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def held_from_workers():
-        """While worker processes start: they inherit the blocked signals, set them to be
-        ignored (start_worker) and then unblock them, so that a signal to the whole group never
-        reaches a worker before that (it would also count in the wakeup pipe they share, as a
-        second signal). This process gets them when the block ends."""
-        if not hasattr(signal, "pthread_sigmask"):  # Windows
-            yield
-            return
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-STOP = Stop()
 if __name__ == "__main__":
-    STOP.start()
+    for sig in STOP_SIGNALS:  # an ignored SIGHUP stays ignored (nohup: to outlive the terminal)
+        if sig != getattr(signal, "SIGHUP", None) or signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, stopped_while_importing)
 
 import argparse
 import copy
@@ -172,8 +67,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+# =============================================================================
+# Part I: the experiment, in the order the data flows
+# =============================================================================
+
 # -----------------------------------------------------------------------------
-# Settings: the constants, and every flag with its default
+# The recipe: the constants, and the training settings (the flags' defaults)
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -183,18 +82,6 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # the often-copied (0.2023, 0.1994, 0.20
 # 0.95 at the end. A constant 0.9 ended 0.5-0.7 points lower on the validation split (README)
 MIN_MOMENTUM, MAX_MOMENTUM = 0.85, 0.95
 EVAL_BATCH = 1000
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
-RUN_FILES = ("train.log", "metrics.csv", "best.pt", "last.pt", "augmentations.png",
-             "curves.png", "confusion.png", "misclassified.png")
-# what the modes that do not train read; any other flag given with them is refused
-MODE_FLAGS = {
-    "evaluate": {"evaluate", "tta", "data_dir", "limit", "device", "precision", "channels_last"},
-    "benchmark": {"benchmark", "data_dir", "limit", "batch_size", "ema", "flip_p", "affine_p",
-                  "dropout_p", "workers", "device", "precision", "channels_last", "cuda_graphs",
-                  "compile"},
-    "summary": {"summary"},
-}
-SAVE_FAILED = 74  # exit status when a file of the run cannot be written (sysexits' EX_IOERR)
 
 
 @dataclass(frozen=True)
@@ -219,6 +106,650 @@ class Recipe:
 RECIPE = Recipe()
 
 
+# -----------------------------------------------------------------------------
+# Data: every image decoded once into a uint8 array (reading it: Part II)
+
+def balanced_indices(labels, n):
+    """The first n indices, class-balanced: n//10 per class (the remainder to the first classes)."""
+    labels = np.asarray(labels)
+    quota = [n // len(CLASSES) + (c < n % len(CLASSES)) for c in range(len(CLASSES))]
+    picked = [np.flatnonzero(labels == c)[:quota[c]] for c in range(len(CLASSES))]
+    return np.sort(np.concatenate(picked))
+
+
+def hold_out(train, val):
+    """{'train', 'val'}: the last val//10 training images of each class held out (independent of
+    --seed)."""
+    images, labels = train
+    if val >= len(labels):
+        raise UserError(f"--val {val} leaves no training images "
+                        f"(the train split has {len(labels)})")
+    held = balanced_indices(labels[::-1], val)
+    held = np.sort(len(labels) - 1 - held)
+    keep = np.setdiff1d(np.arange(len(labels)), held)
+    return {"train": (images[keep], labels[keep]), "val": (images[held], labels[held])}
+
+
+class Loaded(NamedTuple):
+    splits: dict  # {split: (uint8 NHWC images, labels)}
+    kind: str  # "ImageFolder" or "torchvision CIFAR10"
+    notes: dict  # {what: [paths]}: files converted, resized or skipped
+    record: dict  # what a checkpoint keeps to know its data again: counts and a hash
+
+
+def load_cifar10(data_dir, limit=None, val=None, splits=("train", "test")):
+    """The splits asked for (with --val: 'train' and 'val'), decoded."""
+    data_dir = Path(data_dir)
+    if val:
+        splits = ("train",)  # the test set stays untouched, not even decoded
+    check_data_dir(data_dir, splits)
+    notes, digest = {}, hashlib.sha256()
+    if is_image_folder(data_dir, splits):
+        loaded = {s: load_image_folder(data_dir / s, limit, notes, digest) for s in splits}
+        kind = "ImageFolder"
+    else:
+        loaded = load_torchvision(data_dir, limit, splits, digest)
+        kind = "torchvision CIFAR10"
+    if val:
+        loaded = hold_out(loaded["train"], val)
+    # the hash is of the files read, not of the decoded pixels: another Pillow may decode a JPEG
+    # a little differently, and that is still the same data
+    counts = {s: np.bincount(labels, minlength=len(CLASSES)).tolist()
+              for s, (_, labels) in loaded.items()}
+    return Loaded(loaded, kind, notes, {"counts": counts, "sha256": digest.hexdigest()})
+
+
+# -----------------------------------------------------------------------------
+# Augmentation: uint8 in and out, per image, in the training process or in workers;
+# normalisation happens per batch on the device (one table lookup per pixel)
+
+def train_transform(flip_p=0.5, affine_p=0.5, dropout_p=0.25, save_applied_params=False):
+    mean_pixel = tuple(255.0 * m for m in CIFAR10_MEAN)  # the hole is filled before normalising
+    return A.Compose([
+        A.HorizontalFlip(p=flip_p),
+        # x and y shift ranges given apart; a test checks that the two shifts are drawn separately
+        A.Affine(translate_percent={"x": (-0.1, 0.1), "y": (-0.1, 0.1)}, scale=(0.9, 1.1),
+                 rotate=(-15, 15), border_mode=cv2.BORDER_REFLECT_101, p=affine_p),
+        # Albumentations 2.x names; the 1.x names (max_holes, fill_value, ...) are ignored
+        # with a warning
+        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16),
+                        hole_width_range=(16, 16), fill=mean_pixel, p=dropout_p),
+    ], save_applied_params=save_applied_params)
+
+
+@functools.cache
+def normalization_table(device):
+    """Albumentations' Normalize output for each uint8 value of each channel: a (3, 256) table.
+    Normalize is such a lookup inside, so a batch normalised here equals one normalised per
+    image, to the last bit, while batches cross processes and the bus as uint8 (4x fewer bytes)."""
+    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # a 1x256 image
+    normalized = A.Normalize(mean=CIFAR10_MEAN, std=CIFAR10_STD)(image=ramp)["image"][0]
+    return torch.from_numpy(normalized.T.copy()).to(device)
+
+
+def normalize(images):
+    """uint8 NCHW images (any device) -> float32, normalised with the CIFAR-10 mean and std."""
+    table = normalization_table(images.device)
+    channel = torch.arange(3, device=images.device).view(1, 3, 1, 1)
+    return table[channel, images.long()]
+
+
+def as_tensors(images, labels):
+    """uint8 NHWC array and labels -> a uint8 NCHW tensor (a view) and an int64 tensor."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.as_tensor(labels)
+
+
+# -----------------------------------------------------------------------------
+# The dataset wrapper and its loader: whole augmented batches, seeded per epoch
+
+class BatchRequest(NamedTuple):
+    """What the loader asks the dataset for: one batch of the given epoch."""
+    epoch: int
+    seed: int  # of the augmentation RNG, for this epoch
+    indices: list
+
+
+class AugmentedBatches(torch.utils.data.Dataset):
+    """Serves whole augmented batches as uint8 NCHW tensors. The augmentation RNG is reseeded
+    when an epoch's first batch arrives, in the training process or in each worker, so that an
+    epoch's augmentations depend on its seed alone and a resumed run repeats them."""
+
+    def __init__(self, images, labels, augment):
+        self.images, self.labels, self.augment = images, torch.as_tensor(labels), augment
+        self.epoch = None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, request):
+        if request.epoch != self.epoch:
+            worker = torch.utils.data.get_worker_info()
+            seed = request.seed if worker is None else (request.seed + worker.id) % 2**32
+            self.augment.set_random_seed(seed)
+            self.epoch = request.epoch
+        images = np.stack([self.augment(image=self.images[i])["image"] for i in request.indices])
+        return torch.from_numpy(images).permute(0, 3, 1, 2), self.labels[request.indices]
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """The batch requests of one epoch: a shuffle and augmentation seeds that depend only on the
+    run's seed and the epoch number. Full batches only."""
+
+    def __init__(self, n, batch_size, seed, in_process):
+        self.n, self.batch_size, self.seed, self.in_process = n, batch_size, seed, in_process
+        self.set_epoch(1)
+
+    def set_epoch(self, epoch):
+        generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        if self.in_process:
+            self.augment_seed = int(torch.randint(2**31, (1,), generator=generator))
+        # worker w seeds with this + w; it is drawn in the training process too, so that the
+        # shuffle below comes from the same generator state whatever the worker count
+        workers_seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+        if not self.in_process:
+            self.augment_seed = workers_seed
+        self.order = torch.randperm(self.n, generator=generator).tolist()
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n // self.batch_size
+
+    def __iter__(self):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield BatchRequest(self.epoch, self.augment_seed,
+                               self.order[start:start + self.batch_size])
+
+
+class TrainLoader:
+    """One DataLoader for the whole run: its worker processes start once and stay (on macOS and
+    Windows each new worker is sent the whole dataset). `epoch(e)` returns the loader set to e."""
+
+    def __init__(self, dataset, batch_size, seed, workers, device):
+        self.batches = EpochBatches(len(dataset), batch_size, seed, in_process=workers == 0)
+        if workers:
+            # more workers than CPUs is said in the run's notes (make_runtime), not by torch
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            # each worker augments on one thread: OpenCV's pool of a thread per core, in each of
+            # many workers, fights for the cores. Set before they start: forked workers inherit
+            # it (reconfiguring OpenCV after a fork can hang), spawned ones read the variable
+            cv2.setNumThreads(1)
+            os.environ["OPENCV_FOR_THREADS_NUM"] = "1"
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, sampler=self.batches, num_workers=workers,
+            worker_init_fn=start_worker if workers else None, persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(0))  # torch's own worker seeds; unused here
+
+    def epoch(self, epoch):
+        self.batches.set_epoch(epoch)
+        return self
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        with Stop.held_from_workers():  # worker processes start at the first iter() of the run
+            return iter(self.loader)
+
+    def close(self):
+        self.loader = None  # ends the worker processes
+
+
+# -----------------------------------------------------------------------------
+# The network
+
+class SeparableConv2d(nn.Module):
+    """Depthwise 3x3 (one filter per channel) then pointwise 1x1: ~8x fewer weights than a 3x3."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.depthwise = nn.Conv2d(cin, cin, 3, padding=1, groups=cin)
+        self.pointwise = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        return self.pointwise(self.depthwise(x))
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.sep_conv1, self.bn_sep1 = SeparableConv2d(16, 32), nn.BatchNorm2d(32)
+        self.dil_conv1 = nn.Conv2d(32, 32, 3, padding=2, dilation=2)
+        self.bn_dil1 = nn.BatchNorm2d(32)
+        self.conv2, self.bn2 = nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32)
+        self.sep_conv2, self.bn_sep2 = SeparableConv2d(32, 32), nn.BatchNorm2d(32)
+        self.dil_conv2 = nn.Conv2d(32, 32, 3, padding=2, dilation=2)
+        self.bn_dil2 = nn.BatchNorm2d(32)
+        self.conv3, self.bn3 = nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64)
+        self.dil_conv3 = nn.Conv2d(64, 64, 3, padding=5, dilation=5)
+        self.bn_dil3 = nn.BatchNorm2d(64)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+
+    def conv_bn_pairs(self):
+        return [(self.conv1, self.bn1), (self.sep_conv1, self.bn_sep1),
+                (self.dil_conv1, self.bn_dil1), (self.conv2, self.bn2),
+                (self.sep_conv2, self.bn_sep2), (self.dil_conv2, self.bn_dil2),
+                (self.conv3, self.bn3), (self.dil_conv3, self.bn_dil3)]
+
+    def forward(self, x):
+        for conv, bn in self.conv_bn_pairs():
+            x = F.relu(bn(conv(x)))
+        return self.fc(self.gap(x).flatten(1))
+
+
+# -----------------------------------------------------------------------------
+# Optimizer, schedule, EMA, and where and how the step runs
+
+class Runtime(NamedTuple):
+    """Where and how the step runs."""
+    device: torch.device
+    precision: str  # "fp32", "bf16" or "fp16" (autocast)
+    channels_last: bool
+    cuda_graphs: bool = False  # the step's forward and backward replayed as CUDA graphs
+    compile: bool = False  # the model torch.compile'd
+    workers: int = 0  # DataLoader worker processes
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        # autocast's cache of cast weights would be captured into the graphs, then stale
+        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.cuda_graphs)
+
+    def prepare(self, images, labels):
+        """A uint8 NCHW batch -> normalised float32 on the device, in the step's memory format."""
+        x = normalize(images.to(self.device, non_blocking=True))
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt), labels.to(self.device, non_blocking=True)
+
+
+def memory_format(channels_last):
+    return torch.channels_last if channels_last else torch.preserve_format
+
+
+def make_optimizer(model, recipe):
+    decay = [p for p in model.parameters() if p.ndim > 1]  # BN scales/shifts and biases: none
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=recipe.lr, momentum=MAX_MOMENTUM, nesterov=True)
+
+
+def make_scheduler(optimizer, recipe, total_steps):
+    pct_start = recipe.warmup
+    # OneCycleLR divides by the length of its warm-up (ending at step warmup_end) and of its
+    # decay (from there to the last step): where one would be 0 steps, it is made half a step
+    warmup_end = float(recipe.warmup * total_steps) - 1
+    if warmup_end in (0, total_steps - 1):
+        pct_start = (recipe.warmup * total_steps - 0.5) / total_steps
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, recipe.lr, total_steps=total_steps, pct_start=pct_start,
+        base_momentum=MIN_MOMENTUM, max_momentum=MAX_MOMENTUM)
+
+
+class EMA:
+    """An exponential moving average of a model's weights and BatchNorm statistics: this is what
+    gets evaluated and saved. ema = d * ema + (1 - d) * current after every step; d = decay,
+    except in the first steps (d = (1 + step) / (10 + step) is smaller), so that a short run is
+    not evaluated near its random start."""
+
+    def __init__(self, model, decay):
+        self.model, self.decay = copy.deepcopy(model), decay
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+        # the tensors are updated in place by training, so the lists are made once
+        self.averages = [a for a, c in pairs if a.is_floating_point()]
+        self.currents = [c for a, c in pairs if a.is_floating_point()]
+        self.counts = [(a, c) for a, c in pairs if not a.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.averages, self.currents, 1 - d)  # one launch for all tensors
+        for average, current in self.counts:  # BatchNorm's num_batches_tracked
+            average.copy_(current)
+
+
+class Training(NamedTuple):
+    """The objects a training step uses."""
+    model: nn.Module  # what is saved
+    forward: nn.Module  # what is stepped: the model, its torch.compile'd wrapper, or graphed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler  # active for fp16 only
+    criterion: nn.Module
+    ema: EMA | None
+
+
+def make_training(recipe, runtime, total_steps):
+    """The model (seeded by --seed), its optimizer, schedule, loss and EMA, on the device."""
+    torch.manual_seed(recipe.seed)
+    model = Net().to(runtime.device, memory_format=memory_format(runtime.channels_last))
+    optimizer = make_optimizer(model, recipe)
+    # the average of the weights over the last ~1/(1 - decay) steps is what gets evaluated: far
+    # steadier mid-run, +0.2 points at the end of two 60-epoch validation runs (README). Copied
+    # before the model is graphed, so that the copy runs its own forward
+    ema = EMA(model, recipe.ema) if recipe.ema else None
+    return Training(
+        model=model, forward=stepped_module(model, runtime, recipe.batch_size),
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, recipe, total_steps),
+        scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
+        criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
+        ema=ema)
+
+
+def stepped_module(model, runtime, batch_size):
+    """What the training step calls. On a GPU this net's batch-64 step is bound by launching its
+    ~200 small kernels, not by computing them: a CUDA graph launches each pass at once."""
+    if runtime.compile:
+        # on a CPU, where a CUDA toolkit is installed, torch says it found no CUDA runtime
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        return torch.compile(model, mode="reduce-overhead" if runtime.cuda_graphs else "default")
+    if not runtime.cuda_graphs:
+        return model
+    # The graphed backward runs on the stream it was captured on, and autograd says so at every
+    # run's first step (it synchronises the streams, so the gradients are right); the first
+    # backward also notes that it made cuBLAS's context itself. Neither is for the user
+    torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
+    warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current")
+    # capturing runs a few training passes, which move the BatchNorm statistics: put them back
+    buffers = [b.clone() for b in model.buffers()]
+    sample = torch.zeros(batch_size, 3, 32, 32, device=runtime.device)
+    with runtime.autocast():
+        graphed = torch.cuda.make_graphed_callables(
+            model, (sample.contiguous(memory_format=memory_format(runtime.channels_last)),))
+    with torch.no_grad():
+        for buffer, saved in zip(model.buffers(), buffers):
+            buffer.copy_(saved)
+    return graphed  # the model itself: in eval mode its forward runs as before, ungraphed
+
+
+# -----------------------------------------------------------------------------
+# The loops: the step, an epoch, evaluation, the epochs
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def training_step(training, runtime, x, y):
+    with runtime.autocast():
+        out = training.forward(x)
+        loss = training.criterion(out, y)
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scaler.scale(loss).backward()
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
+    training.scheduler.step()
+    if training.ema:  # the scheduler counts the steps, and resumes the count
+        training.ema.update(training.scheduler.last_epoch)
+    return loss.detach(), out
+
+
+def train_one_epoch(training, loader, runtime, epoch, log, log_every):
+    """One pass over the loader. Logs the loss and accuracy of every log_every batches; returns
+    (mean loss, accuracy %) over the epoch's batches. A stop signal is acted on between batches."""
+    training.forward.train()
+    # per-batch losses and the correct count stay on the device, read (one sync) per window
+    window_loss = torch.zeros(min(log_every, len(loader)), device=runtime.device)
+    window_correct = torch.zeros((), device=runtime.device, dtype=torch.long)
+    window_seen, total_loss, total_correct, total_seen = 0, 0.0, 0, 0
+    for batch, (x, y) in enumerate(loader, 1):
+        STOP.check()
+        x, y = runtime.prepare(x, y)
+        loss, out = training_step(training, runtime, x, y)
+        i = (batch - 1) % log_every
+        window_loss[i] = loss
+        window_correct += (out.argmax(1) == y).sum()
+        window_seen += len(y)
+        if i < log_every - 1 and batch < len(loader):
+            continue
+        losses = window_loss[:i + 1].tolist()
+        bad = [b for b, v in enumerate(losses) if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLoss(f"loss became {losses[bad[0]]} at epoch {epoch}, "
+                                f"batch {batch - i + bad[0]}")
+        correct = window_correct.item()
+        # full batches only, so the mean over batches is the mean over images
+        total_loss += sum(losses) * len(y)
+        total_correct += correct
+        total_seen += window_seen
+        if i == log_every - 1:
+            log(f"Epoch {epoch}, Batch {batch}: Train Loss: {sum(losses) / len(losses):.4f}, "
+                f"Train Accuracy: {100 * correct / window_seen:.2f}%")
+        window_correct.zero_()
+        window_seen = 0
+    return total_loss / total_seen, 100 * total_correct / total_seen
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, runtime, flip_average=False):
+    """(mean loss, accuracy %, predictions) over uint8 NCHW images; with flip_average, of the mean
+    logits of each image and its mirror image."""
+    model.eval()
+    loss, preds = 0.0, []
+    for start in range(0, len(labels), EVAL_BATCH):
+        STOP.check()  # 10,000 images take 20 s on a slow CPU: past docker stop's 10 s grace
+        batch = slice(start, start + EVAL_BATCH)
+        x, y = runtime.prepare(images[batch], labels[batch])
+        with runtime.autocast():
+            out = model(x)
+            if flip_average:
+                out = (out + model(x.flip(3))) / 2
+        loss += F.cross_entropy(out.float(), y, reduction="sum").item()
+        preds.append(out.argmax(1).cpu())
+    preds = torch.cat(preds)
+    return loss / len(labels), 100 * (preds == labels).float().mean().item(), preds
+
+
+def train_epochs(epochs, training, runtime, data, history, log, log_every, save):
+    """Trains the epochs after those in history; after each, hands the history to save (the
+    checkpoints and metrics.csv, never behind the epoch's line) and logs it. Returns the last
+    evaluation's predictions (None if no epoch was left)."""
+    images, labels = as_tensors(*data.eval_split)
+    run_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
+    preds, name, times = None, data.split.capitalize(), []
+    for epoch in range(len(history) + 1, epochs + 1):
+        epoch_start = time.perf_counter()
+        train_loss, train_acc = train_one_epoch(training, data.loader.epoch(epoch), runtime,
+                                                epoch, log, log_every)
+        evaluated = training.ema.model if training.ema else training.forward
+        test_loss, test_acc, preds = evaluate(evaluated, images, labels, runtime)
+        now = time.perf_counter()
+        is_best = all(test_acc > h["test_acc"] for h in history)
+        history.append({"epoch": epoch, "train_loss": round(train_loss, 4),
+                        "train_acc": round(train_acc, 2), "test_loss": round(test_loss, 4),
+                        "test_acc": round(test_acc, 2), "lr": training.scheduler.get_last_lr()[0],
+                        "epoch_s": round(now - epoch_start, 1),
+                        "elapsed_s": round(now - run_start, 1)})
+        save(history, is_best)
+        log(f"Epoch {epoch}/{epochs}, Train Loss: {train_loss:.4f}, "
+            f"Train Accuracy: {train_acc:.2f}%, {name} Loss: {test_loss:.4f}, "
+            f"{name} Accuracy: {test_acc:.2f}%")
+        times.append(history[-1]["epoch_s"])
+        log(time_left(epoch, epochs, times))
+        STOP.check()
+    return preds
+
+
+def time_left(epoch, epochs, times):
+    """'epoch 12 took 25.1 s; about 37 min left (done near 14:52)'. The estimate is the mean of
+    this process's epochs but its first (which warms up), or the first while it is the only one."""
+    line = f"epoch {epoch} took {times[-1]:.1f} s"
+    if epoch == epochs:
+        return line
+    typical = times[1:] or times
+    left = (epochs - epoch) * sum(typical) / len(typical)
+    if left > 6 * 86400:  # past where a weekday names the day (and the clock's range)
+        return f"{line}; about {left / 86400:.0f} days left"
+    span = (f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 90 * 60
+            else f"{left / 3600:.1f} h")
+    now = time.time()
+    done = time.localtime(now + left)
+    same_day = done.tm_yday == time.localtime(now).tm_yday
+    clock = time.strftime("%H:%M" if same_day else "%a %H:%M", done)
+    return f"{line}; about {span} left (done near {clock})"
+
+
+# =============================================================================
+# Part II: the run around the experiment
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# The run from start to end: the map of Part II
+
+def main(argv=None):
+    """Runs the script on the command line argv; returns its exit status."""
+    log = RunLog()
+    STOP.start(log)
+    try:
+        args, given = parse_command_line(argv)
+        run(args, given, log)
+        STOP.check()  # a signal in the run's last moments still ends it as a stop
+        return 0
+    except SystemExit as e:  # --help
+        return e.code
+    except UserError as e:
+        log.end(f"error: {e}")
+        return 2
+    except SaveFailed as e:
+        log.end(f"error: {e}; {log.where_it_stopped()}")
+        return SAVE_FAILED
+    except Stopped as e:
+        STOP.say(e)
+        return e.status
+    finally:
+        STOP.at_once = True  # all is saved: a signal from here on ends the process at once
+        STOP.remove_leftovers()
+        log.close()
+
+
+def run(args, given, log):
+    """Chooses the mode."""
+    check_flags(args, given)
+    for mode in ("summary", "evaluate", "benchmark"):
+        if getattr(args, mode):
+            log.mode = f"--{mode}"  # a mode that writes nothing: a signal ends it at once
+    if args.summary:
+        return print_summary()
+    if args.resume:
+        recipe, plan, resume_state = resumed_settings(args, given)
+        return train(recipe, plan, resume_state, log)
+    recipe, plan = make_settings(vars(args), data_folder=args.data_dir,
+                                 run_id=uuid.uuid4().hex[:12])
+    if args.evaluate:
+        return evaluate_checkpoint(args.evaluate, args.tta, recipe.limit, plan, log)
+    if args.benchmark:
+        runtime = make_runtime(plan, log)
+        log(describe(runtime))
+        return benchmark(recipe, plan, runtime, log)
+    return train(recipe, plan, None, log)
+
+
+def train(recipe, plan, resume_state, log):
+    with contextlib.ExitStack() as held:  # the run folder's lock
+        folder, note = take_run_folder(plan, held)
+        notes = [note]
+        if resume_state:  # from here on, what an interruption's message says goes there too
+            log.open(folder, append=True)
+        runtime, data = prepare_training(recipe, plan, log)
+        training = make_training(recipe, runtime, recipe.epochs * len(data.loader))
+        history = []
+        if resume_state:
+            notes += resume_notes(plan, resume_state, runtime, data)
+            load_weights(training.model, resume_state, plan.resume)
+            history = restore_training(training, resume_state, plan.resume)
+        else:
+            remove_run_files(folder)  # an earlier run's, with --overwrite or from a retry
+            log.open(folder, append=False)
+        log_header(recipe, plan, folder, runtime, data, log)
+        log(f"Total trainable parameters: {count_parameters(training.model)}")
+        for note in filter(None, notes):
+            log(note)
+        if resume_state:
+            log(f"resumed from {plan.resume} after epoch {len(history)}")
+        save = functools.partial(save_epoch, folder, training,
+                                 run_record(recipe, plan, folder, runtime, data))
+        train_and_report(recipe, plan.log_every, folder, training, runtime, data, history, save,
+                         log)
+
+
+def save_epoch(folder, training, record, history, is_best):
+    """An epoch's files: last.pt first, so that best.pt, metrics.csv and the epoch's line are
+    never ahead of it."""
+    state = checkpoint_state(training, history, record)
+    save_checkpoint(folder / "last.pt", state)
+    if is_best:
+        save_checkpoint(folder / "best.pt", state)
+    write_metrics(folder, history)
+
+
+def train_and_report(recipe, log_every, folder, training, runtime, data, history, save, log):
+    picture = folder / "augmentations.png"
+    if not picture.exists():  # a resumed run keeps the one drawn at its start
+        samples = augmentation_samples(*data.train_split, recipe)
+        save_figure(plot_augmentations(samples, recipe), picture)
+    STOP.at_once = False  # from here on a signal waits for the batch or the save under way
+    try:
+        preds = train_epochs(recipe.epochs, training, runtime, data, history, log, log_every,
+                             save)
+    except NonFiniteLoss as e:
+        last = folder / "last.pt"
+        raise UserError(f"{e}; stopped. The last good checkpoint is "
+                        f"{last if last.exists() else 'none (no epoch finished)'}; "
+                        "try a lower --lr") from None
+    finally:
+        data.loader.close()
+    if preds is None:  # a finished run, resumed to write its report again
+        evaluated = training.ema.model if training.ema else training.model
+        _, _, preds = evaluate(evaluated, *as_tensors(*data.eval_split), runtime)
+    report(folder, history, data.split, data.eval_split, preds.numpy(), log)
+    log.finished = True
+
+
+class RunData(NamedTuple):
+    loader: TrainLoader
+    train_split: tuple  # (uint8 NHWC images, labels), as decoded
+    split: str  # "test", or "val" with --val
+    eval_split: tuple  # (uint8 NHWC images, labels)
+    kind: str
+    notes: dict
+    record: dict  # counts per class and a hash of the files read (load_cifar10)
+
+
+def prepare_training(recipe, plan, log):
+    """The runtime, and the data with its checks: what can go wrong before training."""
+    runtime = make_runtime(plan, log)
+    splits, kind, notes, record = load_cifar10(plan.data_folder, recipe.limit, recipe.val)
+    split = "val" if recipe.val else "test"
+    n_train = len(splits["train"][1])
+    if n_train < recipe.batch_size:
+        raise UserError(f"--batch-size {recipe.batch_size} is larger than the {n_train} "
+                        "training images")
+    dataset = AugmentedBatches(*splits["train"],
+                               train_transform(recipe.flip_p, recipe.affine_p, recipe.dropout_p))
+    loader = TrainLoader(dataset, recipe.batch_size, recipe.seed, runtime.workers,
+                         runtime.device)
+    return runtime, RunData(loader, splits["train"], split, splits[split], kind, notes, record)
+
+
+def log_header(recipe, plan, folder, runtime, data, log):
+    log(f"data: {data.kind} {plan.data_dir}: {len(data.train_split[1])} train / "
+        f"{len(data.eval_split[1])} {data.split} images")
+    for what, paths in data.notes.items():
+        if paths:
+            log(f"note: {len(paths)} {what} (e.g. {paths[0]})")
+    config = recorded_settings(recipe, plan, folder, runtime)
+    log("config: " + ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
+    log(describe(runtime, workers=True))
+    log(code_version())
+    log(f"run id: {plan.run_id}")
+
+
+# -----------------------------------------------------------------------------
+# Settings: the flags, or a checkpoint's, made into the recipe and the plan
+
 @dataclass(frozen=True)
 class Plan:
     """Where and how a run runs: the flags that are not the recipe (on --resume the checkpoint's,
@@ -242,6 +773,16 @@ RECIPE_FIELDS = [f.name for f in fields(Recipe)]
 PLAN_FLAGS = [f.name for f in fields(Plan) if f.name not in ("data_folder", "run_id")]
 # the flags of the modes that do not train: a training run's checkpoint keeps them too
 TRAINING_MODES = {"evaluate": None, "tta": False, "summary": False, "benchmark": False}
+
+
+# what the modes that do not train read; any other flag given with them is refused
+MODE_FLAGS = {
+    "evaluate": {"evaluate", "tta", "data_dir", "limit", "device", "precision", "channels_last"},
+    "benchmark": {"benchmark", "data_dir", "limit", "batch_size", "ema", "flip_p", "affine_p",
+                  "dropout_p", "workers", "device", "precision", "channels_last", "cuda_graphs",
+                  "compile"},
+    "summary": {"summary"},
+}
 
 
 def make_settings(flags, **plan):
@@ -345,15 +886,257 @@ def add_run_flags(p):
                        help="measure speed on this machine and exit")
 
 
-# -----------------------------------------------------------------------------
-# Data: decode every image once into a uint8 array
+class OneLineParser(argparse.ArgumentParser):
+    where = "(see --help)"  # what a mistake points to: the flags, or a checkpoint's settings
 
-def balanced_indices(labels, n):
-    """The first n indices, class-balanced: n//10 per class (the remainder to the first classes)."""
-    labels = np.asarray(labels)
-    quota = [n // len(CLASSES) + (c < n % len(CLASSES)) for c in range(len(CLASSES))]
-    picked = [np.flatnonzero(labels == c)[:quota[c]] for c in range(len(CLASSES))]
-    return np.sort(np.concatenate(picked))
+    def error(self, message):
+        raise UserError(f"{message} {self.where}")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a flag's help only where X says something (not None or a
+    switch's False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def number(kind, zero_ok=True, high=None):
+    """An argparse type: a number of kind (int or float), >= 0 (> 0 unless zero_ok) and at most
+    high: by default the most that the step's float32, or an int64, holds."""
+    high = high if high is not None else FLOAT32_MAX if kind is float else 2**63 - 1
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (value >= 0 if zero_ok else value > 0):  # false for nan too
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {text}")
+        if value > high:
+            shown = high if kind is int else f"{high:.3g}"  # 3.4e+38, not 39 digits
+            raise argparse.ArgumentTypeError(f"must be at most {shown}, got {text}")
+        return value
+    return parse
+
+
+def run_folder(text):
+    if not text.strip():  # an unset shell variable: not the current directory
+        raise argparse.ArgumentTypeError("is empty")
+    return Path(text)
+
+
+NOT_GIVEN = object()
+
+
+def parse_command_line(argv):
+    """(args, the names of the flags given): argparse alone cannot tell a flag given with its
+    default value from one left out, and --resume must know."""
+    parser = build_parser()
+    blank = argparse.Namespace(**{a.dest: NOT_GIVEN for a in parser._actions})
+    args = parser.parse_args(argv, namespace=blank)
+    given = {k for k, v in vars(args).items() if v is not NOT_GIVEN and k != "help"}
+    for key, value in vars(args).items():
+        if value is NOT_GIVEN:
+            setattr(args, key, parser.get_default(key))
+    del args.help
+    return args, given
+
+
+def check_flags(args, given):
+    """Flag combinations that cannot work, and flags a mode does not use, refused before anything
+    is read or written."""
+    if args.tta and not args.evaluate:
+        raise UserError("--tta applies to --evaluate CKPT only "
+                        "(training runs report single-view accuracy)")
+    for mode, uses in MODE_FLAGS.items():
+        unused = [f"--{k.replace('_', '-')}" for k in sorted(given) if k not in uses]
+        if getattr(args, mode) and unused:
+            raise UserError(f"--{mode} does not use {', '.join(unused)}")
+    if args.resume:
+        # a resume takes anew where and how to run (the plan), but never the folder
+        fixed = [f"--{k.replace('_', '-')}" for k in sorted(given)
+                 if k in RECIPE_FIELDS or k == "out"]
+        if "--epochs" in fixed:
+            raise UserError("--epochs cannot change on --resume: the OneCycle schedule of the run "
+                            "was laid out for its epochs; to train longer, start a new run")
+        if fixed:
+            raise UserError(f"{', '.join(fixed)} cannot be given with --resume: the run keeps "
+                            "the settings it was started with (see --help for what may change)")
+
+
+def resumed_settings(args, given):
+    """The run's recipe and plan from the checkpoint, with the flags given anew; the checkpoint."""
+    state = read_checkpoint(args.resume)
+    if not {"optimizer", "scheduler", "scaler", "rng", "epoch", "history", "args"} <= set(state):
+        raise UserError(f"{args.resume} holds weights but no training state to resume; "
+                        "see --evaluate")
+    if not (isinstance(state["epoch"], int) and isinstance(state["history"], list)
+            and isinstance(state["args"], dict) and isinstance(state.get("resolved", {}), dict)):
+        raise UserError(f"{args.resume} holds a damaged training state")
+    flags = {**vars(checkpoint_settings(state, args.resume)),
+             **{name: getattr(args, name) for name in given}}
+    # the folder the checkpoint really is in (through a symbolic link too) is the run's
+    resume = Path(os.path.realpath(args.resume))
+    check_folder_holds_the_run(resume.parent, resume, state)
+    data_folder = flags["data_dir"]
+    splits = ("train",) if flags["val"] else ("train", "test")
+    if "data_dir" not in given and not holds_cifar10(data_folder, splits):
+        # a relative --data-dir, resumed from another directory: found through its absolute path
+        data_folder = Path(state.get("data_dir_resolved", data_folder))
+        if not holds_cifar10(data_folder, splits):
+            raise UserError(f"the run's data (--data-dir {flags['data_dir']}) is not found from "
+                            "here; give --data-dir with where it is now")
+    # a checkpoint of an older version has no run id: the run gets one from here on
+    recipe, plan = make_settings(flags, data_folder=data_folder, out=resume.parent, resume=resume,
+                                 run_id=state.get("run_id") or uuid.uuid4().hex[:12])
+    check_rewind(plan, state)
+    threads = state.get("resolved", {}).get("threads")
+    if isinstance(threads, int) and threads > 0 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(threads)  # the run's own: on a CPU the count changes the numbers
+    return recipe, plan, state
+
+
+def checkpoint_settings(state, path):
+    """The settings a checkpoint keeps, each checked as the parser checks its flag (a value
+    edited by hand is refused in one line), with 'auto' as the run resolved it."""
+    parser = build_parser()
+    parser.where = f"(a setting kept in {path})"
+    saved = {**state["args"], **state.get("resolved", {})}
+    argv = []
+    for action in parser._actions:
+        if action.dest in ("help", "resume", "evaluate", "summary", "benchmark", "tta",
+                           "overwrite") or action.dest not in saved:
+            continue
+        value = saved[action.dest]
+        if action.nargs == 0:  # a switch, as --compile and --no-compile
+            if not isinstance(value, bool):
+                raise UserError(f"{path} holds a damaged setting: {action.dest}={value!r}")
+            if value == action.const:
+                argv.append(action.option_strings[0])
+        elif value is not None or action.default is not None:
+            argv.append(f"{action.option_strings[0]}={value}")
+    return parser.parse_args(argv)
+
+
+def check_rewind(plan, state):
+    """Resuming from an earlier epoch than the run's latest would rewrite the later ones."""
+    with contextlib.suppress(OSError, ValueError, csv.Error):  # the checkpoint is what counts
+        with open(plan.out / "metrics.csv") as f:
+            latest = max(len(list(csv.DictReader(f))), state["epoch"])
+        if latest > state["epoch"] and not plan.overwrite:
+            last = plan.out / "last.pt"
+            other = "" if last.resolve() == plan.resume else f"resume from {last}, or "
+            raise UserError(f"{plan.resume} holds epoch {state['epoch']}, but {plan.out} holds "
+                            f"epochs up to {latest}: resuming from it would rewrite them; "
+                            f"{other}add --overwrite to rewind the run")
+
+
+def recorded_settings(recipe, plan, folder, runtime):
+    """The run's flags as the log and the checkpoint keep them: --data-dir as given, the run
+    folder and the worker count as the run took them."""
+    return {**asdict(recipe), **{k: getattr(plan, k) for k in PLAN_FLAGS}, **TRAINING_MODES,
+            "out": folder, "workers": runtime.workers}
+
+
+def resolved_settings(runtime):
+    """The settings that change the numbers, as this run resolved them ('auto' made concrete,
+    the CPU threads): a resumed run keeps them."""
+    return {"precision": runtime.precision, "channels_last": "on" if runtime.channels_last
+            else "off", "workers": runtime.workers, "threads": torch.get_num_threads()}
+
+
+# -----------------------------------------------------------------------------
+# The machine: device, precision, layout, workers
+
+def nvidia_driver_present():
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
+def resolve_device(name):
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here (try --device auto)")
+    if name == "mps" and not has_mps:
+        raise UserError("--device mps: Apple MPS is not available here (try --device auto)")
+    return torch.device(name)
+
+
+def resolve_precision(name, device):
+    if name == "auto":
+        native_bf16 = any(getattr(torch.cpu, f, lambda: False)()
+                          for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        # a CPU with native bf16 (emulated bf16 is slower than fp32): faster, same accuracy;
+        # CUDA: with CUDA graphs, bf16 made this net's batch-64 step no faster (README)
+        name = "bf16" if device.type == "cpu" and native_bf16 else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs CUDA; use bf16 or fp32")
+    return name
+
+
+def make_runtime(plan, log):
+    """The Runtime the plan asks for, 'auto' resolved for this machine."""
+    device = resolve_device(plan.device)
+    if device.type == "cpu" and plan.device == "auto" and nvidia_driver_present():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        log(f"note: an NVIDIA driver is present but torch {torch.__version__} ({build}) cannot "
+            "use it, so this runs on the CPU; install the torch build that matches the driver")
+    workers = plan.workers
+    if workers is None:
+        workers = 0 if device.type == "cpu" else min(8, usable_cpus() // 2)
+    if workers > usable_cpus():
+        log(f"note: {workers} workers on {usable_cpus()} usable CPUs: more workers than "
+            "CPUs only slow the run")
+    precision = resolve_precision(plan.precision, device)
+    channels_last = plan.channels_last == "on" or (plan.channels_last == "auto"
+                                                   and device.type == "cpu")
+    if plan.cuda_graphs == "on" and device.type != "cuda":
+        raise UserError("--cuda-graphs on needs CUDA")
+    cuda_graphs = plan.cuda_graphs != "off" and device.type == "cuda"
+    return Runtime(device, precision, channels_last, cuda_graphs, plan.compile, workers)
+
+
+def usable_cpus():
+    """The CPUs this process may run on (taskset, a container's cpuset), not the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 2
+
+
+def code_version():
+    """The commit the script ran at, so that a run spanning code changes (a resume after an
+    update) says so in its log."""
+    def git(*command):
+        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *command],
+                              capture_output=True, text=True, timeout=30, check=True).stdout
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no").strip()
+    except (OSError, subprocess.SubprocessError):
+        return "code: not a git checkout, commit unknown"
+    return f"code: commit {commit}" + (", with uncommitted changes" if changed else "")
+
+
+def describe(runtime, workers=False):
+    graphs = ", CUDA graphs" if runtime.cuda_graphs else ""
+    line = (f"device: {runtime.device}, precision: {runtime.precision}, "
+            f"channels_last: {runtime.channels_last}{graphs}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+    return f"{line}, {runtime.workers} workers" if workers else line
+
+
+# -----------------------------------------------------------------------------
+# Reading the data: an ImageFolder copy, or torchvision's archive
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
 def to_rgb(im, path, notes):
@@ -502,541 +1285,166 @@ def check_data_dir(data_dir, splits):
         raise UserError(f"cannot read the data folder {data_dir}: {e}") from None
 
 
-def hold_out(train, val):
-    """{'train', 'val'}: the last val//10 training images of each class held out (independent of
-    --seed)."""
-    images, labels = train
-    if val >= len(labels):
-        raise UserError(f"--val {val} leaves no training images "
-                        f"(the train split has {len(labels)})")
-    held = balanced_indices(labels[::-1], val)
-    held = np.sort(len(labels) - 1 - held)
-    keep = np.setdiff1d(np.arange(len(labels)), held)
-    return {"train": (images[keep], labels[keep]), "val": (images[held], labels[held])}
+# -----------------------------------------------------------------------------
+# The run folder and its lock
+
+RUN_FILES = ("train.log", "metrics.csv", "best.pt", "last.pt", "augmentations.png",
+             "curves.png", "confusion.png", "misclassified.png")
 
 
-class Loaded(NamedTuple):
-    splits: dict  # {split: (uint8 NHWC images, labels)}
-    kind: str  # "ImageFolder" or "torchvision CIFAR10"
-    notes: dict  # {what: [paths]}: files converted, resized or skipped
-    record: dict  # what a checkpoint keeps to know its data again: counts and a hash
+def check_out_folder(out, data_folder):
+    """--out must be, or be able to become, a folder this user can write to, outside the data,
+    with no folder where the run writes a file."""
+    data = Path(data_folder).resolve()
+    if out.resolve() == data or data in out.resolve().parents:
+        raise UserError(f"run folder {out} is inside the data folder {data_folder}: its files "
+                        "would be read as data by later runs; give --out a folder elsewhere")
+    try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a folder")
+        existing = next(p for p in (out, *out.parents, Path(".")) if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"--out {out}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"--out {out}: {existing} is not writable")
+        folders = [name for name in RUN_FILES if (out / name).is_dir()]
+        if folders:
+            raise UserError(f"{out / folders[0]} is a folder, where the run writes a file; "
+                            "move it away")
+    except OSError as e:
+        raise UserError(f"--out {out}: {e}") from None
 
 
-def load_cifar10(data_dir, limit=None, val=None, splits=("train", "test")):
-    """The splits asked for (with --val: 'train' and 'val'), decoded."""
-    data_dir = Path(data_dir)
-    if val:
-        splits = ("train",)  # the test set stays untouched, not even decoded
-    check_data_dir(data_dir, splits)
-    notes, digest = {}, hashlib.sha256()
-    if is_image_folder(data_dir, splits):
-        loaded = {s: load_image_folder(data_dir / s, limit, notes, digest) for s in splits}
-        kind = "ImageFolder"
-    else:
-        loaded = load_torchvision(data_dir, limit, splits, digest)
-        kind = "torchvision CIFAR10"
-    if val:
-        loaded = hold_out(loaded["train"], val)
-    # the hash is of the files read, not of the decoded pixels: another Pillow may decode a JPEG
-    # a little differently, and that is still the same data
-    counts = {s: np.bincount(labels, minlength=len(CLASSES)).tolist()
-              for s, (_, labels) in loaded.items()}
-    return Loaded(loaded, kind, notes, {"counts": counts, "sha256": digest.hexdigest()})
+def holds_results(folder):
+    """Whether an epoch finished in folder. A log alone, of a run that never finished one, is no
+    result: a retry may replace it."""
+    if any((folder / name).exists() for name in ("metrics.csv", "best.pt", "last.pt")):
+        return True
+    log = folder / "train.log"
+    return log.is_file() and bool(re.search(r"^Epoch \d+/\d+,", read_log(log), re.M))
+
+
+def make_run_folder(plan):
+    """Creates the run folder: --out, or runs/<date-time>. One it makes is removed again if the
+    run ends before it writes in it."""
+    try:
+        if plan.out is None:
+            stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+            for n in range(1, 1000):  # two runs started in the same second get two folders
+                out = stamp.with_name(f"{stamp.name}-{n}") if n > 1 else stamp
+                with contextlib.suppress(FileExistsError):
+                    out.mkdir(parents=True)
+                    STOP.leftovers.append(out)
+                    return out
+            raise UserError(f"no free run folder name in runs/ for {stamp.name}; give --out")
+        if not plan.out.exists():
+            plan.out.mkdir(parents=True)
+            STOP.leftovers.append(plan.out)
+        return plan.out
+    except OSError as e:
+        raise UserError(f"cannot make the run folder {plan.out or 'runs/'}: {e}") from None
+
+
+def take_run_folder(plan, held):
+    """Makes (a new run) and locks the run folder for the whole run (released by `held`), and
+    only then checks what it holds: of two runs given one folder, the second is refused rather
+    than both passing the check. Returns the folder, and a note where this filesystem cannot
+    lock."""
+    check_out_folder(plan.out or Path("runs"), plan.data_folder)
+    folder = plan.out if plan.resume else make_run_folder(plan)
+    note = None
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+        held.callback(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # Windows
+        note = "note: run folders are not locked on this system"
+    except BlockingIOError:
+        other = "" if plan.resume else "give another --out, or "
+        raise UserError(f"run folder {folder} is in use by another run; {other}wait for that "
+                        "run to end") from None
+    except OSError as e:  # some network filesystems cannot lock
+        note = f"note: the run folder cannot be locked here ({e.strerror}); running without a lock"
+    if plan.resume:
+        remove_run_files(folder, temporaries_only=True)
+    elif not plan.overwrite:
+        check_nothing_is_replaced(folder)
+    return folder, note
+
+
+def check_nothing_is_replaced(folder):
+    """A new run replaces the files in folder that carry its files' names only with --overwrite,
+    or where they are of an earlier start of this script that finished no epoch (a retry)."""
+    try:
+        if holds_results(folder):
+            last = folder / "last.pt"
+            how = f"use --resume {last} to continue or " if last.exists() else ""
+            raise UserError(f"run folder {folder} already holds results; "
+                            f"{how}--overwrite to start over")
+        if run_ids_in_log(folder / "train.log"):
+            return  # the earlier start's own files
+        in_the_way = [path.name for path in run_files_in(folder)]
+    except OSError as e:
+        raise UserError(f"cannot read the run folder {folder}: {e}") from None
+    if in_the_way:
+        raise UserError(f"run folder {folder} holds files the run would replace: "
+                        f"{', '.join(in_the_way)}; move them away, or add --overwrite to replace "
+                        "them")
+
+
+def run_files_in(folder, temporaries_only=False):
+    """The files in folder that a run writes, and the temporaries of them that a run killed
+    while writing left behind (write_atomically's NAME.XXXXXXXX.tmp)."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        temporary = path.suffix == ".tmp" and any(path.name.startswith(name + ".")
+                                                  for name in RUN_FILES)
+        if not path.is_dir() and (temporary or path.name in RUN_FILES and not temporaries_only):
+            found.append(path)
+    return found
+
+
+def remove_run_files(folder, temporaries_only=False):
+    for path in run_files_in(folder, temporaries_only):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def check_folder_holds_the_run(folder, checkpoint, state):
+    """Refuses to resume into a folder whose files belong to another run: they would be
+    overwritten."""
+    if "run_id" not in state:
+        return  # an older checkpoint: said in the log
+    others = set()
+    for name in ("last.pt", "best.pt"):
+        path = folder / name
+        if path.is_file() and not path.samefile(checkpoint):
+            with contextlib.suppress(Exception):  # not a checkpoint: not a run's
+                others.add(torch.load(path, map_location="cpu", weights_only=True)["run_id"])
+    others.update(run_ids_in_log(folder / "train.log"))
+    others.discard(state["run_id"])
+    if others:
+        raise UserError(f"{folder} holds the files of another run (run id {sorted(others)[0]}) "
+                        f"than {checkpoint.name} (run id {state['run_id']}): resuming would "
+                        f"overwrite them; move {checkpoint.name} into a folder of its own first")
+
+
+def run_ids_in_log(log):
+    """The run ids a train.log names: none where it is not a run's log (or not a file)."""
+    return re.findall(r"^run id: (\w+)$", read_log(log), re.M) if log.is_file() else []
+
+
+def read_log(path):
+    try:
+        return path.read_text(errors="replace")
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
 
 
 # -----------------------------------------------------------------------------
-# Augmentation: uint8 in and out, per image, in the training process or in workers;
-# normalisation happens per batch on the device (one table lookup per pixel)
-
-def train_transform(flip_p=0.5, affine_p=0.5, dropout_p=0.25, save_applied_params=False):
-    mean_pixel = tuple(255.0 * m for m in CIFAR10_MEAN)  # the hole is filled before normalising
-    return A.Compose([
-        A.HorizontalFlip(p=flip_p),
-        # x and y shift ranges given apart; a test checks that the two shifts are drawn separately
-        A.Affine(translate_percent={"x": (-0.1, 0.1), "y": (-0.1, 0.1)}, scale=(0.9, 1.1),
-                 rotate=(-15, 15), border_mode=cv2.BORDER_REFLECT_101, p=affine_p),
-        # Albumentations 2.x names; the 1.x names (max_holes, fill_value, ...) are ignored
-        # with a warning
-        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16),
-                        hole_width_range=(16, 16), fill=mean_pixel, p=dropout_p),
-    ], save_applied_params=save_applied_params)
-
-
-class AugmentationSample(NamedTuple):
-    """One training image as decoded, and augmented draws of it with what each applied."""
-    label: int
-    image: np.ndarray  # uint8 HWC
-    draws: list  # of (uint8 HWC image, text of what was applied)
-
-
-def augmentation_samples(images, labels, recipe, draws=7):
-    """The first training image of each class present and `draws` augmentations of it by the
-    run's pipeline settings. A pipeline of its own, seeded by --seed, draws them: the training's
-    augmentation streams are not touched."""
-    augment = train_transform(recipe.flip_p, recipe.affine_p, recipe.dropout_p,
-                              save_applied_params=True)
-    augment.set_random_seed(recipe.seed)
-    samples = []
-    for label in np.unique(labels):
-        image = images[np.flatnonzero(labels == label)[0]]
-        drawn = [augment(image=image) for _ in range(draws)]
-        samples.append(AugmentationSample(int(label), image, [
-            (d["image"], describe_applied(d["applied_transforms"])) for d in drawn]))
-    return samples
-
-
-def describe_applied(applied):
-    """What Albumentations reports it applied, in a few words per transform."""
-    parts = []
-    for name, params in applied:
-        if name == "HorizontalFlip":
-            parts.append("flip")
-        elif name == "Affine":
-            # rotation and scale are about the image centre: where it moves is the shift
-            centre = np.array([15.5, 15.5, 1.0])
-            dx, dy = np.round((params["matrix"] @ centre)[:2] - centre[:2], 1) + 0.0  # not -0.0
-            scale = params["scale"]
-            parts += [f"rotate {params['rotate']:+.1f}°", f"shift {dx:+.1f}, {dy:+.1f} px",
-                      f"scale {scale['x']:.2f} x {scale['y']:.2f}"]
-        elif name == "CoarseDropout":
-            x1, y1, x2, y2 = params["holes"][0]
-            parts.append(f"{x2 - x1}x{y2 - y1} hole at {x1}, {y1}")
-    return "\n".join(parts) or "nothing"
-
-
-@functools.cache
-def normalization_table(device):
-    """Albumentations' Normalize output for each uint8 value of each channel: a (3, 256) table.
-    Normalize is such a lookup inside, so a batch normalised here equals one normalised per
-    image, to the last bit, while batches cross processes and the bus as uint8 (4x fewer bytes)."""
-    ramp = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # a 1x256 image
-    normalized = A.Normalize(mean=CIFAR10_MEAN, std=CIFAR10_STD)(image=ramp)["image"][0]
-    return torch.from_numpy(normalized.T.copy()).to(device)
-
-
-def normalize(images):
-    """uint8 NCHW images (any device) -> float32, normalised with the CIFAR-10 mean and std."""
-    table = normalization_table(images.device)
-    channel = torch.arange(3, device=images.device).view(1, 3, 1, 1)
-    return table[channel, images.long()]
-
-
-def as_tensors(images, labels):
-    """uint8 NHWC array and labels -> a uint8 NCHW tensor (a view) and an int64 tensor."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2), torch.as_tensor(labels)
-
-
-class BatchRequest(NamedTuple):
-    """What the loader asks the dataset for: one batch of the given epoch."""
-    epoch: int
-    seed: int  # of the augmentation RNG, for this epoch
-    indices: list
-
-
-class AugmentedBatches(torch.utils.data.Dataset):
-    """Serves whole augmented batches as uint8 NCHW tensors. The augmentation RNG is reseeded
-    when an epoch's first batch arrives, in the training process or in each worker, so that an
-    epoch's augmentations depend on its seed alone and a resumed run repeats them."""
-
-    def __init__(self, images, labels, augment):
-        self.images, self.labels, self.augment = images, torch.as_tensor(labels), augment
-        self.epoch = None
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, request):
-        if request.epoch != self.epoch:
-            worker = torch.utils.data.get_worker_info()
-            seed = request.seed if worker is None else (request.seed + worker.id) % 2**32
-            self.augment.set_random_seed(seed)
-            self.epoch = request.epoch
-        images = np.stack([self.augment(image=self.images[i])["image"] for i in request.indices])
-        return torch.from_numpy(images).permute(0, 3, 1, 2), self.labels[request.indices]
-
-
-class EpochBatches(torch.utils.data.Sampler):
-    """The batch requests of one epoch: a shuffle and augmentation seeds that depend only on the
-    run's seed and the epoch number. Full batches only."""
-
-    def __init__(self, n, batch_size, seed, in_process):
-        self.n, self.batch_size, self.seed, self.in_process = n, batch_size, seed, in_process
-        self.set_epoch(1)
-
-    def set_epoch(self, epoch):
-        generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        if self.in_process:
-            self.augment_seed = int(torch.randint(2**31, (1,), generator=generator))
-        # worker w seeds with this + w; it is drawn in the training process too, so that the
-        # shuffle below comes from the same generator state whatever the worker count
-        workers_seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))
-        if not self.in_process:
-            self.augment_seed = workers_seed
-        self.order = torch.randperm(self.n, generator=generator).tolist()
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.n // self.batch_size
-
-    def __iter__(self):
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield BatchRequest(self.epoch, self.augment_seed,
-                               self.order[start:start + self.batch_size])
-
-
-class TrainLoader:
-    """One DataLoader for the whole run: its worker processes start once and stay (on macOS and
-    Windows each new worker is sent the whole dataset). `epoch(e)` returns the loader set to e."""
-
-    def __init__(self, dataset, batch_size, seed, workers, device):
-        self.batches = EpochBatches(len(dataset), batch_size, seed, in_process=workers == 0)
-        if workers:
-            # more workers than CPUs is said in the run's notes (make_runtime), not by torch
-            warnings.filterwarnings("ignore", message="This DataLoader will create")
-            # each worker augments on one thread: OpenCV's pool of a thread per core, in each of
-            # many workers, fights for the cores. Set before they start: forked workers inherit
-            # it (reconfiguring OpenCV after a fork can hang), spawned ones read the variable
-            cv2.setNumThreads(1)
-            os.environ["OPENCV_FOR_THREADS_NUM"] = "1"
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, sampler=self.batches, num_workers=workers,
-            worker_init_fn=start_worker if workers else None, persistent_workers=workers > 0,
-            prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(0))  # torch's own worker seeds; unused here
-
-    def epoch(self, epoch):
-        self.batches.set_epoch(epoch)
-        return self
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        with Stop.held_from_workers():  # worker processes start at the first iter() of the run
-            return iter(self.loader)
-
-    def close(self):
-        self.loader = None  # ends the worker processes
-
-
-def start_worker(worker_id):
-    """Worker processes leave the stop signals to the training process (a terminal, docker stop
-    or Slurm signal every process of the job), and end with it even when it is killed outright:
-    else they would hold its run folder's lock, which they inherit, for seconds."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    if sys.platform == "linux":
-        import ctypes
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-# -----------------------------------------------------------------------------
-# Model
-
-class SeparableConv2d(nn.Module):
-    """Depthwise 3x3 (one filter per channel) then pointwise 1x1: ~8x fewer weights than a 3x3."""
-
-    def __init__(self, cin, cout):
-        super().__init__()
-        self.depthwise = nn.Conv2d(cin, cin, 3, padding=1, groups=cin)
-        self.pointwise = nn.Conv2d(cin, cout, 1)
-
-    def forward(self, x):
-        return self.pointwise(self.depthwise(x))
-
-
-class Net(nn.Module):
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.sep_conv1, self.bn_sep1 = SeparableConv2d(16, 32), nn.BatchNorm2d(32)
-        self.dil_conv1 = nn.Conv2d(32, 32, 3, padding=2, dilation=2)
-        self.bn_dil1 = nn.BatchNorm2d(32)
-        self.conv2, self.bn2 = nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32)
-        self.sep_conv2, self.bn_sep2 = SeparableConv2d(32, 32), nn.BatchNorm2d(32)
-        self.dil_conv2 = nn.Conv2d(32, 32, 3, padding=2, dilation=2)
-        self.bn_dil2 = nn.BatchNorm2d(32)
-        self.conv3, self.bn3 = nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.BatchNorm2d(64)
-        self.dil_conv3 = nn.Conv2d(64, 64, 3, padding=5, dilation=5)
-        self.bn_dil3 = nn.BatchNorm2d(64)
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
-
-    def conv_bn_pairs(self):
-        return [(self.conv1, self.bn1), (self.sep_conv1, self.bn_sep1),
-                (self.dil_conv1, self.bn_dil1), (self.conv2, self.bn2),
-                (self.sep_conv2, self.bn_sep2), (self.dil_conv2, self.bn_dil2),
-                (self.conv3, self.bn3), (self.dil_conv3, self.bn_dil3)]
-
-    def forward(self, x):
-        for conv, bn in self.conv_bn_pairs():
-            x = F.relu(bn(conv(x)))
-        return self.fc(self.gap(x).flatten(1))
-
-
-def forward_once(model, modules, hook):
-    """Runs one blank 32x32 image through model with a forward hook on each of modules."""
-    hooks = [m.register_forward_hook(hook) for m in modules]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 3, 32, 32))
-    for h in hooks:
-        h.remove()
-
-
-def output_shapes(model):
-    """{child module: its output shape for one 32x32 image}."""
-    shapes = {}
-
-    def record(module, inputs, output):
-        shapes[module] = tuple(output.shape[1:])
-    forward_once(model, model.children(), record)
-    return shapes
-
-
-def layer_table(model):
-    """Rows of (layer, output shape, params, receptive field in pixels), computed from the model."""
-    shapes, names = output_shapes(model), {m: n for n, m in model.named_children()}
-    rows, rf, jump = [], 1, 1
-    for conv, bn in model.conv_bn_pairs():
-        for c in (m for m in conv.modules() if isinstance(m, nn.Conv2d)):
-            rf += (c.kernel_size[0] - 1) * c.dilation[0] * jump
-            jump *= c.stride[0]
-        params = sum(p.numel() for m in (conv, bn) for p in m.parameters())
-        rows.append((f"{names[conv]} + {names[bn]}", shapes[bn], params, rf))
-    fc_params = sum(p.numel() for p in model.fc.parameters())
-    rows.append(("gap + fc", shapes[model.fc], fc_params, None))  # None: it sees the whole image
-    return rows
-
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def summary_text(model):
-    lines = ["| layer | output | params | receptive field |", "|---|---|---:|---:|"]
-    for name, shape, params, rf in layer_table(model):
-        field = f"{rf}x{rf}" if rf else "whole image"
-        lines.append(f"| {name} | {'x'.join(map(str, shape))} | {params:,} | {field} |")
-    lines.append(f"| **total** | | **{count_parameters(model):,}** | |")
-    return "\n".join(lines)
-
-
-def train_flops_per_image(model):
-    """Forward multiply-adds x 2 FLOPs x 3 (forward, input grad, weight grad) per training image."""
-    macs = []
-
-    def count(conv, inputs, output):
-        macs.append(output[0].numel() * conv.in_channels // conv.groups
-                    * math.prod(conv.kernel_size))
-    forward_once(model, [m for m in model.modules() if isinstance(m, nn.Conv2d)], count)
-    return 6 * (sum(macs) + model.fc.in_features * model.fc.out_features)
-
-
-# -----------------------------------------------------------------------------
-# Train and evaluate
-
-class Runtime(NamedTuple):
-    """Where and how the step runs."""
-    device: torch.device
-    precision: str  # "fp32", "bf16" or "fp16" (autocast)
-    channels_last: bool
-    cuda_graphs: bool = False  # the step's forward and backward replayed as CUDA graphs
-    compile: bool = False  # the model torch.compile'd
-    workers: int = 0  # DataLoader worker processes
-
-    def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        # autocast's cache of cast weights would be captured into the graphs, then stale
-        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=not self.cuda_graphs)
-
-    def prepare(self, images, labels):
-        """A uint8 NCHW batch -> normalised float32 on the device, in the step's memory format."""
-        x = normalize(images.to(self.device, non_blocking=True))
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.contiguous(memory_format=fmt), labels.to(self.device, non_blocking=True)
-
-
-class EMA:
-    """An exponential moving average of a model's weights and BatchNorm statistics: this is what
-    gets evaluated and saved. ema = d * ema + (1 - d) * current after every step; d = decay,
-    except in the first steps (d = (1 + step) / (10 + step) is smaller), so that a short run is
-    not evaluated near its random start."""
-
-    def __init__(self, model, decay):
-        self.model, self.decay = copy.deepcopy(model), decay
-        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
-        # the tensors are updated in place by training, so the lists are made once
-        self.averages = [a for a, c in pairs if a.is_floating_point()]
-        self.currents = [c for a, c in pairs if a.is_floating_point()]
-        self.counts = [(a, c) for a, c in pairs if not a.is_floating_point()]
-
-    @torch.no_grad()
-    def update(self, step):
-        d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.averages, self.currents, 1 - d)  # one launch for all tensors
-        for average, current in self.counts:  # BatchNorm's num_batches_tracked
-            average.copy_(current)
-
-
-class Training(NamedTuple):
-    """The objects a training step uses."""
-    model: nn.Module  # what is saved
-    forward: nn.Module  # what is stepped: the model, its torch.compile'd wrapper, or graphed
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler  # active for fp16 only
-    criterion: nn.Module
-    ema: EMA | None
-
-
-class NonFiniteLoss(Exception):
-    pass
-
-
-def training_step(training, runtime, x, y):
-    with runtime.autocast():
-        out = training.forward(x)
-        loss = training.criterion(out, y)
-    training.optimizer.zero_grad(set_to_none=True)
-    training.scaler.scale(loss).backward()
-    training.scaler.step(training.optimizer)
-    training.scaler.update()
-    training.scheduler.step()
-    if training.ema:  # the scheduler counts the steps, and resumes the count
-        training.ema.update(training.scheduler.last_epoch)
-    return loss.detach(), out
-
-
-def train_one_epoch(training, loader, runtime, epoch, log, log_every):
-    """One pass over the loader. Logs the loss and accuracy of every log_every batches; returns
-    (mean loss, accuracy %) over the epoch's batches. A stop signal is acted on between batches."""
-    training.forward.train()
-    # per-batch losses and the correct count stay on the device, read (one sync) per window
-    window_loss = torch.zeros(min(log_every, len(loader)), device=runtime.device)
-    window_correct = torch.zeros((), device=runtime.device, dtype=torch.long)
-    window_seen, total_loss, total_correct, total_seen = 0, 0.0, 0, 0
-    for batch, (x, y) in enumerate(loader, 1):
-        STOP.check()
-        x, y = runtime.prepare(x, y)
-        loss, out = training_step(training, runtime, x, y)
-        i = (batch - 1) % log_every
-        window_loss[i] = loss
-        window_correct += (out.argmax(1) == y).sum()
-        window_seen += len(y)
-        if i < log_every - 1 and batch < len(loader):
-            continue
-        losses = window_loss[:i + 1].tolist()
-        bad = [b for b, v in enumerate(losses) if not math.isfinite(v)]
-        if bad:
-            raise NonFiniteLoss(f"loss became {losses[bad[0]]} at epoch {epoch}, "
-                                f"batch {batch - i + bad[0]}")
-        correct = window_correct.item()
-        # full batches only, so the mean over batches is the mean over images
-        total_loss += sum(losses) * len(y)
-        total_correct += correct
-        total_seen += window_seen
-        if i == log_every - 1:
-            log(f"Epoch {epoch}, Batch {batch}: Train Loss: {sum(losses) / len(losses):.4f}, "
-                f"Train Accuracy: {100 * correct / window_seen:.2f}%")
-        window_correct.zero_()
-        window_seen = 0
-    return total_loss / total_seen, 100 * total_correct / total_seen
-
-
-@torch.no_grad()
-def evaluate(model, images, labels, runtime, flip_average=False):
-    """(mean loss, accuracy %, predictions) over uint8 NCHW images; with flip_average, of the mean
-    logits of each image and its mirror image."""
-    model.eval()
-    loss, preds = 0.0, []
-    for start in range(0, len(labels), EVAL_BATCH):
-        STOP.check()  # 10,000 images take 20 s on a slow CPU: past docker stop's 10 s grace
-        batch = slice(start, start + EVAL_BATCH)
-        x, y = runtime.prepare(images[batch], labels[batch])
-        with runtime.autocast():
-            out = model(x)
-            if flip_average:
-                out = (out + model(x.flip(3))) / 2
-        loss += F.cross_entropy(out.float(), y, reduction="sum").item()
-        preds.append(out.argmax(1).cpu())
-    preds = torch.cat(preds)
-    return loss / len(labels), 100 * (preds == labels).float().mean().item(), preds
-
-
-def make_optimizer(model, recipe):
-    decay = [p for p in model.parameters() if p.ndim > 1]  # BN scales/shifts and biases: none
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=recipe.lr, momentum=MAX_MOMENTUM, nesterov=True)
-
-
-def make_scheduler(optimizer, recipe, total_steps):
-    pct_start = recipe.warmup
-    # OneCycleLR divides by the length of its warm-up (ending at step warmup_end) and of its
-    # decay (from there to the last step): where one would be 0 steps, it is made half a step
-    warmup_end = float(recipe.warmup * total_steps) - 1
-    if warmup_end in (0, total_steps - 1):
-        pct_start = (recipe.warmup * total_steps - 0.5) / total_steps
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, recipe.lr, total_steps=total_steps, pct_start=pct_start,
-        base_momentum=MIN_MOMENTUM, max_momentum=MAX_MOMENTUM)
-
-
-def make_training(recipe, runtime, total_steps):
-    """The model (seeded by --seed), its optimizer, schedule, loss and EMA, on the device."""
-    torch.manual_seed(recipe.seed)
-    model = Net().to(runtime.device, memory_format=memory_format(runtime.channels_last))
-    optimizer = make_optimizer(model, recipe)
-    # the average of the weights over the last ~1/(1 - decay) steps is what gets evaluated: far
-    # steadier mid-run, +0.2 points at the end of two 60-epoch validation runs (README). Copied
-    # before the model is graphed, so that the copy runs its own forward
-    ema = EMA(model, recipe.ema) if recipe.ema else None
-    return Training(
-        model=model, forward=stepped_module(model, runtime, recipe.batch_size),
-        optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, recipe, total_steps),
-        scaler=torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16"),
-        criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing),
-        ema=ema)
-
-
-def stepped_module(model, runtime, batch_size):
-    """What the training step calls. On a GPU this net's batch-64 step is bound by launching its
-    ~200 small kernels, not by computing them: a CUDA graph launches each pass at once."""
-    if runtime.compile:
-        # on a CPU, where a CUDA toolkit is installed, torch says it found no CUDA runtime
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        return torch.compile(model, mode="reduce-overhead" if runtime.cuda_graphs else "default")
-    if not runtime.cuda_graphs:
-        return model
-    # The graphed backward runs on the stream it was captured on, and autograd says so at every
-    # run's first step (it synchronises the streams, so the gradients are right); the first
-    # backward also notes that it made cuBLAS's context itself. Neither is for the user
-    torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
-    warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current")
-    # capturing runs a few training passes, which move the BatchNorm statistics: put them back
-    buffers = [b.clone() for b in model.buffers()]
-    sample = torch.zeros(batch_size, 3, 32, 32, device=runtime.device)
-    with runtime.autocast():
-        graphed = torch.cuda.make_graphed_callables(
-            model, (sample.contiguous(memory_format=memory_format(runtime.channels_last)),))
-    with torch.no_grad():
-        for buffer, saved in zip(model.buffers(), buffers):
-            buffer.copy_(saved)
-    return graphed  # the model itself: in eval mode its forward runs as before, ungraphed
-
-
-def memory_format(channels_last):
-    return torch.channels_last if channels_last else torch.preserve_format
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: plain tensors and numbers only, written atomically, loaded with weights_only=True
+# Saving and resuming: plain tensors and numbers only, written atomically, loaded with
+# weights_only=True
 
 def write_atomically(path, data):
     """Writes bytes to a temporary file beside path and renames it onto path: a kill at any moment
@@ -1069,35 +1477,10 @@ def umask():
     return mask
 
 
-def run_files_in(folder, temporaries_only=False):
-    """The files in folder that a run writes, and the temporaries of them that a run killed
-    while writing left behind (write_atomically's NAME.XXXXXXXX.tmp)."""
-    found = []
-    for path in sorted(folder.iterdir()):
-        temporary = path.suffix == ".tmp" and any(path.name.startswith(name + ".")
-                                                  for name in RUN_FILES)
-        if not path.is_dir() and (temporary or path.name in RUN_FILES and not temporaries_only):
-            found.append(path)
-    return found
-
-
-def remove_run_files(folder, temporaries_only=False):
-    for path in run_files_in(folder, temporaries_only):
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
 def save_checkpoint(path, state):
     buffer = io.BytesIO()  # in memory first: torch.save on a full disk fails with a RuntimeError
     torch.save(state, buffer)
     write_atomically(path, buffer.getvalue())
-
-
-def recorded_settings(recipe, plan, folder, runtime):
-    """The run's flags as the log and the checkpoint keep them: --data-dir as given, the run
-    folder and the worker count as the run took them."""
-    return {**asdict(recipe), **{k: getattr(plan, k) for k in PLAN_FLAGS}, **TRAINING_MODES,
-            "out": folder, "workers": runtime.workers}
 
 
 def run_record(recipe, plan, folder, runtime, data):
@@ -1215,6 +1598,38 @@ def restore_training(training, state, path):
                         f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
 
 
+def resume_notes(plan, state, runtime, data):
+    """Refuses a resume on other data than the run's; notes what could not be checked (a
+    checkpoint of an older version) and run settings given anew that change the numbers."""
+    if "run_id" not in state:
+        return [f"note: {plan.resume} was written by an older version of this script: it holds "
+                f"no run id and no record of its data, so neither that {plan.out} holds only this "
+                "run nor that the data is the run's own could be checked"]
+    check_same_data(state.get("data"), data.record, plan)
+    kept, now = state["resolved"], resolved_settings(runtime)
+    notes = []
+    for k in [k for k in now if k in kept and now[k] != kept[k]]:
+        flag = "OMP_NUM_THREADS=" if k == "threads" else f"--{k.replace('_', '-')} "
+        notes.append(f"note: {flag}{now[k]} given anew (the run had {kept[k]}): from here on the "
+                     "numbers differ from those of an uninterrupted run")
+    return notes
+
+
+def check_same_data(saved, record, plan):
+    if not (isinstance(saved, dict) and isinstance(saved.get("counts"), dict)
+            and isinstance(saved.get("sha256"), str)):
+        raise UserError(f"{plan.resume} holds a damaged record of its data")
+    for split, counts in saved["counts"].items():
+        found = record["counts"].get(split)
+        if found != counts:
+            raise UserError(f"{plan.data_dir} is not the data this run trained on: its {split} "
+                            f"split has {found} images per class, the run's had {counts}")
+    if saved["sha256"] != record["sha256"]:
+        raise UserError(f"{plan.data_dir} is not the data this run trained on: the same number "
+                        "of images per class, but other image files (another copy, or changed "
+                        "images)")
+
+
 # -----------------------------------------------------------------------------
 # Pictures and the final report
 
@@ -1235,6 +1650,48 @@ def save_figure(fig, path):
     fig.savefig(buffer, format="png", dpi=FIGURE_DPI)
     pyplot().close(fig)
     write_atomically(path, buffer.getvalue())
+
+
+class AugmentationSample(NamedTuple):
+    """One training image as decoded, and augmented draws of it with what each applied."""
+    label: int
+    image: np.ndarray  # uint8 HWC
+    draws: list  # of (uint8 HWC image, text of what was applied)
+
+
+def augmentation_samples(images, labels, recipe, draws=7):
+    """The first training image of each class present and `draws` augmentations of it by the
+    run's pipeline settings. A pipeline of its own, seeded by --seed, draws them: the training's
+    augmentation streams are not touched."""
+    augment = train_transform(recipe.flip_p, recipe.affine_p, recipe.dropout_p,
+                              save_applied_params=True)
+    augment.set_random_seed(recipe.seed)
+    samples = []
+    for label in np.unique(labels):
+        image = images[np.flatnonzero(labels == label)[0]]
+        drawn = [augment(image=image) for _ in range(draws)]
+        samples.append(AugmentationSample(int(label), image, [
+            (d["image"], describe_applied(d["applied_transforms"])) for d in drawn]))
+    return samples
+
+
+def describe_applied(applied):
+    """What Albumentations reports it applied, in a few words per transform."""
+    parts = []
+    for name, params in applied:
+        if name == "HorizontalFlip":
+            parts.append("flip")
+        elif name == "Affine":
+            # rotation and scale are about the image centre: where it moves is the shift
+            centre = np.array([15.5, 15.5, 1.0])
+            dx, dy = np.round((params["matrix"] @ centre)[:2] - centre[:2], 1) + 0.0  # not -0.0
+            scale = params["scale"]
+            parts += [f"rotate {params['rotate']:+.1f}°", f"shift {dx:+.1f}, {dy:+.1f} px",
+                      f"scale {scale['x']:.2f} x {scale['y']:.2f}"]
+        elif name == "CoarseDropout":
+            x1, y1, x2, y2 = params["holes"][0]
+            parts.append(f"{x2 - x1}x{y2 - y1} hole at {x1}, {y1}")
+    return "\n".join(parts) or "nothing"
 
 
 def augmentation_cell(row, column):
@@ -1343,7 +1800,85 @@ def report(out, history, split, eval_split, preds, log):
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: where an epoch's time goes on this machine
+# The other modes: evaluate a checkpoint, the layer table, the benchmark
+
+def evaluate_checkpoint(checkpoint, tta, limit, plan, log):
+    model = Net()
+    load_weights(model, read_checkpoint(checkpoint), checkpoint, weights="ema")
+    runtime = make_runtime(plan, log)
+    splits, kind, _, _ = load_cifar10(plan.data_dir, limit, splits=("test",))
+    model.to(runtime.device, memory_format=memory_format(runtime.channels_last))
+    images, labels = as_tensors(*splits["test"])
+    views = {False: "", True: ", each image averaged with its mirror"}
+    for flip_average in ([False, True] if tta else [False]):
+        loss, acc, _ = evaluate(model, images, labels, runtime, flip_average)
+        log(f"{checkpoint} on {kind} {plan.data_dir} test{views[flip_average]}: "
+            f"Test Loss: {loss:.4f}, Test Accuracy: {acc:.2f}%")
+
+
+def print_summary():
+    model = Net()
+    print(summary_text(model))
+    print(f"Total trainable parameters: {count_parameters(model):,}")
+
+
+def forward_once(model, modules, hook):
+    """Runs one blank 32x32 image through model with a forward hook on each of modules."""
+    hooks = [m.register_forward_hook(hook) for m in modules]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+
+
+def output_shapes(model):
+    """{child module: its output shape for one 32x32 image}."""
+    shapes = {}
+
+    def record(module, inputs, output):
+        shapes[module] = tuple(output.shape[1:])
+    forward_once(model, model.children(), record)
+    return shapes
+
+
+def layer_table(model):
+    """Rows of (layer, output shape, params, receptive field in pixels), computed from the model."""
+    shapes, names = output_shapes(model), {m: n for n, m in model.named_children()}
+    rows, rf, jump = [], 1, 1
+    for conv, bn in model.conv_bn_pairs():
+        for c in (m for m in conv.modules() if isinstance(m, nn.Conv2d)):
+            rf += (c.kernel_size[0] - 1) * c.dilation[0] * jump
+            jump *= c.stride[0]
+        params = sum(p.numel() for m in (conv, bn) for p in m.parameters())
+        rows.append((f"{names[conv]} + {names[bn]}", shapes[bn], params, rf))
+    fc_params = sum(p.numel() for p in model.fc.parameters())
+    rows.append(("gap + fc", shapes[model.fc], fc_params, None))  # None: it sees the whole image
+    return rows
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def summary_text(model):
+    lines = ["| layer | output | params | receptive field |", "|---|---|---:|---:|"]
+    for name, shape, params, rf in layer_table(model):
+        field = f"{rf}x{rf}" if rf else "whole image"
+        lines.append(f"| {name} | {'x'.join(map(str, shape))} | {params:,} | {field} |")
+    lines.append(f"| **total** | | **{count_parameters(model):,}** | |")
+    return "\n".join(lines)
+
+
+def train_flops_per_image(model):
+    """Forward multiply-adds x 2 FLOPs x 3 (forward, input grad, weight grad) per training image."""
+    macs = []
+
+    def count(conv, inputs, output):
+        macs.append(output[0].numel() * conv.in_channels // conv.groups
+                    * math.prod(conv.kernel_size))
+    forward_once(model, [m for m in model.modules() if isinstance(m, nn.Conv2d)], count)
+    return 6 * (sum(macs) + model.fc.in_features * model.fc.out_features)
+
 
 def rate(fn, device, seconds=3.0, warmup=3):
     """Calls of fn per second."""
@@ -1461,539 +1996,139 @@ def benchmark(recipe, plan, runtime, log):
 
 
 # -----------------------------------------------------------------------------
-# Modes: train (new or resumed), evaluate a checkpoint, summary, benchmark
-
-def nvidia_driver_present():
-    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
-
-
-def resolve_device(name):
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here (try --device auto)")
-    if name == "mps" and not has_mps:
-        raise UserError("--device mps: Apple MPS is not available here (try --device auto)")
-    return torch.device(name)
-
-
-def resolve_precision(name, device):
-    if name == "auto":
-        native_bf16 = any(getattr(torch.cpu, f, lambda: False)()
-                          for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-        # a CPU with native bf16 (emulated bf16 is slower than fp32): faster, same accuracy;
-        # CUDA: with CUDA graphs, bf16 made this net's batch-64 step no faster (README)
-        name = "bf16" if device.type == "cpu" and native_bf16 else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs CUDA; use bf16 or fp32")
-    return name
-
-
-def make_runtime(plan, log):
-    """The Runtime the plan asks for, 'auto' resolved for this machine."""
-    device = resolve_device(plan.device)
-    if device.type == "cpu" and plan.device == "auto" and nvidia_driver_present():
-        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        log(f"note: an NVIDIA driver is present but torch {torch.__version__} ({build}) cannot "
-            "use it, so this runs on the CPU; install the torch build that matches the driver")
-    workers = plan.workers
-    if workers is None:
-        workers = 0 if device.type == "cpu" else min(8, usable_cpus() // 2)
-    if workers > usable_cpus():
-        log(f"note: {workers} workers on {usable_cpus()} usable CPUs: more workers than "
-            "CPUs only slow the run")
-    precision = resolve_precision(plan.precision, device)
-    channels_last = plan.channels_last == "on" or (plan.channels_last == "auto"
-                                                   and device.type == "cpu")
-    if plan.cuda_graphs == "on" and device.type != "cuda":
-        raise UserError("--cuda-graphs on needs CUDA")
-    cuda_graphs = plan.cuda_graphs != "off" and device.type == "cuda"
-    return Runtime(device, precision, channels_last, cuda_graphs, plan.compile, workers)
-
-
-def usable_cpus():
-    """The CPUs this process may run on (taskset, a container's cpuset), not the machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 2
-
-
-def code_version():
-    """The commit the script ran at, so that a run spanning code changes (a resume after an
-    update) says so in its log."""
-    def git(*command):
-        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *command],
-                              capture_output=True, text=True, timeout=30, check=True).stdout
-    try:
-        commit = git("rev-parse", "--short", "HEAD").strip()
-        changed = git("status", "--porcelain", "--untracked-files=no").strip()
-    except (OSError, subprocess.SubprocessError):
-        return "code: not a git checkout, commit unknown"
-    return f"code: commit {commit}" + (", with uncommitted changes" if changed else "")
-
-
-def describe(runtime, workers=False):
-    graphs = ", CUDA graphs" if runtime.cuda_graphs else ""
-    line = (f"device: {runtime.device}, precision: {runtime.precision}, "
-            f"channels_last: {runtime.channels_last}{graphs}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
-    return f"{line}, {runtime.workers} workers" if workers else line
-
-
-def evaluate_checkpoint(checkpoint, tta, limit, plan, log):
-    model = Net()
-    load_weights(model, read_checkpoint(checkpoint), checkpoint, weights="ema")
-    runtime = make_runtime(plan, log)
-    splits, kind, _, _ = load_cifar10(plan.data_dir, limit, splits=("test",))
-    model.to(runtime.device, memory_format=memory_format(runtime.channels_last))
-    images, labels = as_tensors(*splits["test"])
-    views = {False: "", True: ", each image averaged with its mirror"}
-    for flip_average in ([False, True] if tta else [False]):
-        loss, acc, _ = evaluate(model, images, labels, runtime, flip_average)
-        log(f"{checkpoint} on {kind} {plan.data_dir} test{views[flip_average]}: "
-            f"Test Loss: {loss:.4f}, Test Accuracy: {acc:.2f}%")
-
-
-def print_summary():
-    model = Net()
-    print(summary_text(model))
-    print(f"Total trainable parameters: {count_parameters(model):,}")
-
-
-def check_flags(args, given):
-    """Flag combinations that cannot work, and flags a mode does not use, refused before anything
-    is read or written."""
-    if args.tta and not args.evaluate:
-        raise UserError("--tta applies to --evaluate CKPT only "
-                        "(training runs report single-view accuracy)")
-    for mode, uses in MODE_FLAGS.items():
-        unused = [f"--{k.replace('_', '-')}" for k in sorted(given) if k not in uses]
-        if getattr(args, mode) and unused:
-            raise UserError(f"--{mode} does not use {', '.join(unused)}")
-    if args.resume:
-        # a resume takes anew where and how to run (the plan), but never the folder
-        fixed = [f"--{k.replace('_', '-')}" for k in sorted(given)
-                 if k in RECIPE_FIELDS or k == "out"]
-        if "--epochs" in fixed:
-            raise UserError("--epochs cannot change on --resume: the OneCycle schedule of the run "
-                            "was laid out for its epochs; to train longer, start a new run")
-        if fixed:
-            raise UserError(f"{', '.join(fixed)} cannot be given with --resume: the run keeps "
-                            "the settings it was started with (see --help for what may change)")
-
-
-def resumed_settings(args, given):
-    """The run's recipe and plan from the checkpoint, with the flags given anew; the checkpoint."""
-    state = read_checkpoint(args.resume)
-    if not {"optimizer", "scheduler", "scaler", "rng", "epoch", "history", "args"} <= set(state):
-        raise UserError(f"{args.resume} holds weights but no training state to resume; "
-                        "see --evaluate")
-    if not (isinstance(state["epoch"], int) and isinstance(state["history"], list)
-            and isinstance(state["args"], dict) and isinstance(state.get("resolved", {}), dict)):
-        raise UserError(f"{args.resume} holds a damaged training state")
-    flags = {**vars(checkpoint_settings(state, args.resume)),
-             **{name: getattr(args, name) for name in given}}
-    # the folder the checkpoint really is in (through a symbolic link too) is the run's
-    resume = Path(os.path.realpath(args.resume))
-    check_folder_holds_the_run(resume.parent, resume, state)
-    data_folder = flags["data_dir"]
-    splits = ("train",) if flags["val"] else ("train", "test")
-    if "data_dir" not in given and not holds_cifar10(data_folder, splits):
-        # a relative --data-dir, resumed from another directory: found through its absolute path
-        data_folder = Path(state.get("data_dir_resolved", data_folder))
-        if not holds_cifar10(data_folder, splits):
-            raise UserError(f"the run's data (--data-dir {flags['data_dir']}) is not found from "
-                            "here; give --data-dir with where it is now")
-    # a checkpoint of an older version has no run id: the run gets one from here on
-    recipe, plan = make_settings(flags, data_folder=data_folder, out=resume.parent, resume=resume,
-                                 run_id=state.get("run_id") or uuid.uuid4().hex[:12])
-    check_rewind(plan, state)
-    threads = state.get("resolved", {}).get("threads")
-    if isinstance(threads, int) and threads > 0 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(threads)  # the run's own: on a CPU the count changes the numbers
-    return recipe, plan, state
-
-
-def checkpoint_settings(state, path):
-    """The settings a checkpoint keeps, each checked as the parser checks its flag (a value
-    edited by hand is refused in one line), with 'auto' as the run resolved it."""
-    parser = build_parser()
-    parser.where = f"(a setting kept in {path})"
-    saved = {**state["args"], **state.get("resolved", {})}
-    argv = []
-    for action in parser._actions:
-        if action.dest in ("help", "resume", "evaluate", "summary", "benchmark", "tta",
-                           "overwrite") or action.dest not in saved:
-            continue
-        value = saved[action.dest]
-        if action.nargs == 0:  # a switch, as --compile and --no-compile
-            if not isinstance(value, bool):
-                raise UserError(f"{path} holds a damaged setting: {action.dest}={value!r}")
-            if value == action.const:
-                argv.append(action.option_strings[0])
-        elif value is not None or action.default is not None:
-            argv.append(f"{action.option_strings[0]}={value}")
-    return parser.parse_args(argv)
-
-
-def check_folder_holds_the_run(folder, checkpoint, state):
-    """Refuses to resume into a folder whose files belong to another run: they would be
-    overwritten."""
-    if "run_id" not in state:
-        return  # an older checkpoint: said in the log
-    others = set()
-    for name in ("last.pt", "best.pt"):
-        path = folder / name
-        if path.is_file() and not path.samefile(checkpoint):
-            with contextlib.suppress(Exception):  # not a checkpoint: not a run's
-                others.add(torch.load(path, map_location="cpu", weights_only=True)["run_id"])
-    others.update(run_ids_in_log(folder / "train.log"))
-    others.discard(state["run_id"])
-    if others:
-        raise UserError(f"{folder} holds the files of another run (run id {sorted(others)[0]}) "
-                        f"than {checkpoint.name} (run id {state['run_id']}): resuming would "
-                        f"overwrite them; move {checkpoint.name} into a folder of its own first")
-
-
-def run_ids_in_log(log):
-    """The run ids a train.log names: none where it is not a run's log (or not a file)."""
-    return re.findall(r"^run id: (\w+)$", read_log(log), re.M) if log.is_file() else []
-
-
-def read_log(path):
-    try:
-        return path.read_text(errors="replace")
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-
-
-def check_rewind(plan, state):
-    """Resuming from an earlier epoch than the run's latest would rewrite the later ones."""
-    with contextlib.suppress(OSError, ValueError, csv.Error):  # the checkpoint is what counts
-        with open(plan.out / "metrics.csv") as f:
-            latest = max(len(list(csv.DictReader(f))), state["epoch"])
-        if latest > state["epoch"] and not plan.overwrite:
-            last = plan.out / "last.pt"
-            other = "" if last.resolve() == plan.resume else f"resume from {last}, or "
-            raise UserError(f"{plan.resume} holds epoch {state['epoch']}, but {plan.out} holds "
-                            f"epochs up to {latest}: resuming from it would rewrite them; "
-                            f"{other}add --overwrite to rewind the run")
-
-
-def check_out_folder(out, data_folder):
-    """--out must be, or be able to become, a folder this user can write to, outside the data,
-    with no folder where the run writes a file."""
-    data = Path(data_folder).resolve()
-    if out.resolve() == data or data in out.resolve().parents:
-        raise UserError(f"run folder {out} is inside the data folder {data_folder}: its files "
-                        "would be read as data by later runs; give --out a folder elsewhere")
-    try:
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file, not a folder")
-        existing = next(p for p in (out, *out.parents, Path(".")) if p.exists())
-        if not existing.is_dir():
-            raise UserError(f"--out {out}: {existing} is a file, not a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(f"--out {out}: {existing} is not writable")
-        folders = [name for name in RUN_FILES if (out / name).is_dir()]
-        if folders:
-            raise UserError(f"{out / folders[0]} is a folder, where the run writes a file; "
-                            "move it away")
-    except OSError as e:
-        raise UserError(f"--out {out}: {e}") from None
-
-
-def holds_results(folder):
-    """Whether an epoch finished in folder. A log alone, of a run that never finished one, is no
-    result: a retry may replace it."""
-    if any((folder / name).exists() for name in ("metrics.csv", "best.pt", "last.pt")):
-        return True
-    log = folder / "train.log"
-    return log.is_file() and bool(re.search(r"^Epoch \d+/\d+,", read_log(log), re.M))
-
-
-def make_run_folder(plan):
-    """Creates the run folder: --out, or runs/<date-time>. One it makes is removed again if the
-    run ends before it writes in it."""
-    try:
-        if plan.out is None:
-            stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-            for n in range(1, 1000):  # two runs started in the same second get two folders
-                out = stamp.with_name(f"{stamp.name}-{n}") if n > 1 else stamp
-                with contextlib.suppress(FileExistsError):
-                    out.mkdir(parents=True)
-                    STOP.leftovers.append(out)
-                    return out
-            raise UserError(f"no free run folder name in runs/ for {stamp.name}; give --out")
-        if not plan.out.exists():
-            plan.out.mkdir(parents=True)
-            STOP.leftovers.append(plan.out)
-        return plan.out
-    except OSError as e:
-        raise UserError(f"cannot make the run folder {plan.out or 'runs/'}: {e}") from None
-
-
-def take_run_folder(plan, held):
-    """Makes (a new run) and locks the run folder for the whole run (released by `held`), and
-    only then checks what it holds: of two runs given one folder, the second is refused rather
-    than both passing the check. Returns the folder, and a note where this filesystem cannot
-    lock."""
-    check_out_folder(plan.out or Path("runs"), plan.data_folder)
-    folder = plan.out if plan.resume else make_run_folder(plan)
-    note = None
-    try:
-        import fcntl
-        fd = os.open(folder, os.O_RDONLY)
-        held.callback(os.close, fd)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # Windows
-        note = "note: run folders are not locked on this system"
-    except BlockingIOError:
-        other = "" if plan.resume else "give another --out, or "
-        raise UserError(f"run folder {folder} is in use by another run; {other}wait for that "
-                        "run to end") from None
-    except OSError as e:  # some network filesystems cannot lock
-        note = f"note: the run folder cannot be locked here ({e.strerror}); running without a lock"
-    if plan.resume:
-        remove_run_files(folder, temporaries_only=True)
-    elif not plan.overwrite:
-        check_nothing_is_replaced(folder)
-    return folder, note
-
-
-def check_nothing_is_replaced(folder):
-    """A new run replaces the files in folder that carry its files' names only with --overwrite,
-    or where they are of an earlier start of this script that finished no epoch (a retry)."""
-    try:
-        if holds_results(folder):
-            last = folder / "last.pt"
-            how = f"use --resume {last} to continue or " if last.exists() else ""
-            raise UserError(f"run folder {folder} already holds results; "
-                            f"{how}--overwrite to start over")
-        if run_ids_in_log(folder / "train.log"):
-            return  # the earlier start's own files
-        in_the_way = [path.name for path in run_files_in(folder)]
-    except OSError as e:
-        raise UserError(f"cannot read the run folder {folder}: {e}") from None
-    if in_the_way:
-        raise UserError(f"run folder {folder} holds files the run would replace: "
-                        f"{', '.join(in_the_way)}; move them away, or add --overwrite to replace "
-                        "them")
-
-
-class RunData(NamedTuple):
-    loader: TrainLoader
-    train_split: tuple  # (uint8 NHWC images, labels), as decoded
-    split: str  # "test", or "val" with --val
-    eval_split: tuple  # (uint8 NHWC images, labels)
-    kind: str
-    notes: dict
-    record: dict  # counts per class and a hash of the files read (load_cifar10)
-
-
-def prepare_training(recipe, plan, log):
-    """The runtime, and the data with its checks: what can go wrong before training."""
-    runtime = make_runtime(plan, log)
-    splits, kind, notes, record = load_cifar10(plan.data_folder, recipe.limit, recipe.val)
-    split = "val" if recipe.val else "test"
-    n_train = len(splits["train"][1])
-    if n_train < recipe.batch_size:
-        raise UserError(f"--batch-size {recipe.batch_size} is larger than the {n_train} "
-                        "training images")
-    dataset = AugmentedBatches(*splits["train"],
-                               train_transform(recipe.flip_p, recipe.affine_p, recipe.dropout_p))
-    loader = TrainLoader(dataset, recipe.batch_size, recipe.seed, runtime.workers,
-                         runtime.device)
-    return runtime, RunData(loader, splits["train"], split, splits[split], kind, notes, record)
-
-
-def resume_notes(plan, state, runtime, data):
-    """Refuses a resume on other data than the run's; notes what could not be checked (a
-    checkpoint of an older version) and run settings given anew that change the numbers."""
-    if "run_id" not in state:
-        return [f"note: {plan.resume} was written by an older version of this script: it holds "
-                f"no run id and no record of its data, so neither that {plan.out} holds only this "
-                "run nor that the data is the run's own could be checked"]
-    check_same_data(state.get("data"), data.record, plan)
-    kept, now = state["resolved"], resolved_settings(runtime)
-    notes = []
-    for k in [k for k in now if k in kept and now[k] != kept[k]]:
-        flag = "OMP_NUM_THREADS=" if k == "threads" else f"--{k.replace('_', '-')} "
-        notes.append(f"note: {flag}{now[k]} given anew (the run had {kept[k]}): from here on the "
-                     "numbers differ from those of an uninterrupted run")
-    return notes
-
-
-def check_same_data(saved, record, plan):
-    if not (isinstance(saved, dict) and isinstance(saved.get("counts"), dict)
-            and isinstance(saved.get("sha256"), str)):
-        raise UserError(f"{plan.resume} holds a damaged record of its data")
-    for split, counts in saved["counts"].items():
-        found = record["counts"].get(split)
-        if found != counts:
-            raise UserError(f"{plan.data_dir} is not the data this run trained on: its {split} "
-                            f"split has {found} images per class, the run's had {counts}")
-    if saved["sha256"] != record["sha256"]:
-        raise UserError(f"{plan.data_dir} is not the data this run trained on: the same number "
-                        "of images per class, but other image files (another copy, or changed "
-                        "images)")
-
-
-def resolved_settings(runtime):
-    """The settings that change the numbers, as this run resolved them ('auto' made concrete,
-    the CPU threads): a resumed run keeps them."""
-    return {"precision": runtime.precision, "channels_last": "on" if runtime.channels_last
-            else "off", "workers": runtime.workers, "threads": torch.get_num_threads()}
-
-
-def log_header(recipe, plan, folder, runtime, data, log):
-    log(f"data: {data.kind} {plan.data_dir}: {len(data.train_split[1])} train / "
-        f"{len(data.eval_split[1])} {data.split} images")
-    for what, paths in data.notes.items():
-        if paths:
-            log(f"note: {len(paths)} {what} (e.g. {paths[0]})")
-    config = recorded_settings(recipe, plan, folder, runtime)
-    log("config: " + ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
-    log(describe(runtime, workers=True))
-    log(code_version())
-    log(f"run id: {plan.run_id}")
-
-
-def train_epochs(epochs, training, runtime, data, history, log, log_every, save):
-    """Trains the epochs after those in history; after each, hands the history to save (the
-    checkpoints and metrics.csv, never behind the epoch's line) and logs it. Returns the last
-    evaluation's predictions (None if no epoch was left)."""
-    images, labels = as_tensors(*data.eval_split)
-    run_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
-    preds, name, times = None, data.split.capitalize(), []
-    for epoch in range(len(history) + 1, epochs + 1):
-        epoch_start = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(training, data.loader.epoch(epoch), runtime,
-                                                epoch, log, log_every)
-        evaluated = training.ema.model if training.ema else training.forward
-        test_loss, test_acc, preds = evaluate(evaluated, images, labels, runtime)
-        now = time.perf_counter()
-        is_best = all(test_acc > h["test_acc"] for h in history)
-        history.append({"epoch": epoch, "train_loss": round(train_loss, 4),
-                        "train_acc": round(train_acc, 2), "test_loss": round(test_loss, 4),
-                        "test_acc": round(test_acc, 2), "lr": training.scheduler.get_last_lr()[0],
-                        "epoch_s": round(now - epoch_start, 1),
-                        "elapsed_s": round(now - run_start, 1)})
-        save(history, is_best)
-        log(f"Epoch {epoch}/{epochs}, Train Loss: {train_loss:.4f}, "
-            f"Train Accuracy: {train_acc:.2f}%, {name} Loss: {test_loss:.4f}, "
-            f"{name} Accuracy: {test_acc:.2f}%")
-        times.append(history[-1]["epoch_s"])
-        log(time_left(epoch, epochs, times))
-        STOP.check()
-    return preds
-
-
-def time_left(epoch, epochs, times):
-    """'epoch 12 took 25.1 s; about 37 min left (done near 14:52)'. The estimate is the mean of
-    this process's epochs but its first (which warms up), or the first while it is the only one."""
-    line = f"epoch {epoch} took {times[-1]:.1f} s"
-    if epoch == epochs:
-        return line
-    typical = times[1:] or times
-    left = (epochs - epoch) * sum(typical) / len(typical)
-    if left > 6 * 86400:  # past where a weekday names the day (and the clock's range)
-        return f"{line}; about {left / 86400:.0f} days left"
-    span = (f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 90 * 60
-            else f"{left / 3600:.1f} h")
-    now = time.time()
-    done = time.localtime(now + left)
-    same_day = done.tm_yday == time.localtime(now).tm_yday
-    clock = time.strftime("%H:%M" if same_day else "%a %H:%M", done)
-    return f"{line}; about {span} left (done near {clock})"
-
-
-def train(recipe, plan, resume_state, log):
-    with contextlib.ExitStack() as held:  # the run folder's lock
-        folder, note = take_run_folder(plan, held)
-        notes = [note]
-        if resume_state:  # from here on, what an interruption's message says goes there too
-            log.open(folder, append=True)
-        runtime, data = prepare_training(recipe, plan, log)
-        training = make_training(recipe, runtime, recipe.epochs * len(data.loader))
-        history = []
-        if resume_state:
-            notes += resume_notes(plan, resume_state, runtime, data)
-            load_weights(training.model, resume_state, plan.resume)
-            history = restore_training(training, resume_state, plan.resume)
-        else:
-            remove_run_files(folder)  # an earlier run's, with --overwrite or from a retry
-            log.open(folder, append=False)
-        log_header(recipe, plan, folder, runtime, data, log)
-        log(f"Total trainable parameters: {count_parameters(training.model)}")
-        for note in filter(None, notes):
-            log(note)
-        if resume_state:
-            log(f"resumed from {plan.resume} after epoch {len(history)}")
-        save = functools.partial(save_epoch, folder, training,
-                                 run_record(recipe, plan, folder, runtime, data))
-        train_and_report(recipe, plan.log_every, folder, training, runtime, data, history, save,
-                         log)
-
-
-def save_epoch(folder, training, record, history, is_best):
-    """An epoch's files: last.pt first, so that best.pt, metrics.csv and the epoch's line are
-    never ahead of it."""
-    state = checkpoint_state(training, history, record)
-    save_checkpoint(folder / "last.pt", state)
-    if is_best:
-        save_checkpoint(folder / "best.pt", state)
-    write_metrics(folder, history)
-
-
-def train_and_report(recipe, log_every, folder, training, runtime, data, history, save, log):
-    picture = folder / "augmentations.png"
-    if not picture.exists():  # a resumed run keeps the one drawn at its start
-        samples = augmentation_samples(*data.train_split, recipe)
-        save_figure(plot_augmentations(samples, recipe), picture)
-    STOP.at_once = False  # from here on a signal waits for the batch or the save under way
-    try:
-        preds = train_epochs(recipe.epochs, training, runtime, data, history, log, log_every,
-                             save)
-    except NonFiniteLoss as e:
-        last = folder / "last.pt"
-        raise UserError(f"{e}; stopped. The last good checkpoint is "
-                        f"{last if last.exists() else 'none (no epoch finished)'}; "
-                        "try a lower --lr") from None
-    finally:
-        data.loader.close()
-    if preds is None:  # a finished run, resumed to write its report again
-        evaluated = training.ema.model if training.ema else training.model
-        _, _, preds = evaluate(evaluated, *as_tensors(*data.eval_split), runtime)
-    report(folder, history, data.split, data.eval_split, preds.numpy(), log)
-    log.finished = True
-
-
-def run(args, given, log):
-    """Chooses the mode."""
-    check_flags(args, given)
-    for mode in ("summary", "evaluate", "benchmark"):
-        if getattr(args, mode):
-            log.mode = f"--{mode}"  # a mode that writes nothing: a signal ends it at once
-    if args.summary:
-        return print_summary()
-    if args.resume:
-        recipe, plan, resume_state = resumed_settings(args, given)
-        return train(recipe, plan, resume_state, log)
-    recipe, plan = make_settings(vars(args), data_folder=args.data_dir,
-                                 run_id=uuid.uuid4().hex[:12])
-    if args.evaluate:
-        return evaluate_checkpoint(args.evaluate, args.tta, recipe.limit, plan, log)
-    if args.benchmark:
-        runtime = make_runtime(plan, log)
-        log(describe(runtime))
-        return benchmark(recipe, plan, runtime, log)
-    return train(recipe, plan, None, log)
+# Stopping: Ctrl-C, SIGTERM (docker stop, Slurm, systemd) and a closed terminal (SIGHUP),
+# sent to this process or its whole group, from main() to the exit
+
+class Stopped(Exception):
+    """A stop signal, acted on at a point where the run can stop cleanly."""
+
+    def __init__(self, signum):
+        self.name, self.status = STOP_SIGNALS[signum], 128 + signum  # 130 Ctrl-C, 143 SIGTERM
+        super().__init__(self.name)
+
+
+class Stop:
+    """The handler only notes a signal; the run acts on it where it chooses (`check`: between
+    batches, evaluation batches, pictures and saves), so nothing is ever raised inside a library's
+    callback or a DataLoader's set-up, and a save under way is finished. A second signal ends the
+    process at once; so does the first while nothing is under way that must finish (`at_once`:
+    the imports, decoding data, a download, the modes that write nothing, the end). Ending at
+    once removes the `leftovers`: the temporary of a file being written, a run folder made for a
+    run that wrote nothing."""
+
+    arrivals = None  # the read end of the wakeup pipe: one byte per signal delivered
+
+    def __init__(self, log=None):
+        self.log, self.noted, self.at_once, self.leftovers = log, None, True, []
+        self.owner = os.getpid()
+
+    def start(self, log=None):
+        """Takes the stop signals for this process, with the log of the run that begins."""
+        self.__init__(log)
+        for sig in STOP_SIGNALS:
+            if sig == getattr(signal, "SIGHUP", None) and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # started with nohup: the run is to outlive the terminal
+            signal.signal(sig, self.note)
+        if self.arrivals is None:
+            with contextlib.suppress(ValueError):  # only the main thread may set the pipe
+                read, write = os.pipe()
+                os.set_blocking(read, False)
+                os.set_blocking(write, False)
+                signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+                Stop.arrivals = read
+
+    def note(self, signum, frame):
+        if os.getpid() != self.owner:  # a worker process, forked before it ignores the signals
+            return
+        second = self.noted is not None or self.deliveries() > 1
+        self.noted = signum
+        if self.at_once or second:
+            self.end_now(signum)
+
+    def deliveries(self):
+        """Signals delivered since the last call. Two presses of Ctrl-C during one long C call
+        run the handler once, but each writes a byte to the wakeup pipe."""
+        with contextlib.suppress(OSError, TypeError):  # none pending, or no pipe
+            return len(os.read(self.arrivals, 64))
+        return 1
+
+    def check(self):
+        if self.noted is not None:
+            raise Stopped(self.noted)
+
+    def end_now(self, signum):
+        self.remove_leftovers()
+        stopped = Stopped(signum)
+        self.say(stopped)
+        self.exit(stopped.status)
+
+    def say(self, stopped):
+        """The line that ends a stopped process: what is saved, and how to continue."""
+        where = self.log.where_it_stopped() if self.log else "nothing was written"
+        line = f"interrupted by {stopped.name}: {where}"
+        if self.log:
+            self.log.end(line, after_a_signal=True)
+        else:  # the imports, before a run's log exists
+            with contextlib.suppress(OSError, ValueError):
+                print("\n" + line, file=sys.stderr)
+
+    def remove_leftovers(self):
+        for path in reversed(self.leftovers):
+            with contextlib.suppress(OSError):  # a folder goes only if nothing was written in it
+                if os.path.isdir(path):
+                    os.rmdir(path)
+                else:
+                    os.remove(path)
+        self.leftovers.clear()
+
+    @staticmethod
+    def exit(status):
+        """Ends the process at once rather than through the interpreter's shutdown: seconds of
+        torch's teardown, during which the default handlers are back and a signal would end the
+        process without a line."""
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(status)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def held_from_workers():
+        """While worker processes start: they inherit the blocked signals, set them to be
+        ignored (start_worker) and then unblock them, so that a signal to the whole group never
+        reaches a worker before that (it would also count in the wakeup pipe they share, as a
+        second signal). This process gets them when the block ends."""
+        if not hasattr(signal, "pthread_sigmask"):  # Windows
+            yield
+            return
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+STOP = Stop()
+
+
+def start_worker(worker_id):
+    """Worker processes leave the stop signals to the training process (a terminal, docker stop
+    or Slurm signal every process of the job), and end with it even when it is killed outright:
+    else they would hold its run folder's lock, which they inherit, for seconds."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform == "linux":
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 # -----------------------------------------------------------------------------
-# Plumbing: errors, argument types, the run's log, signals
+# The log and errors
+
+SAVE_FAILED = 74  # exit status when a file of the run cannot be written (sysexits' EX_IOERR)
+
 
 class UserError(Exception):
     """A mistake the user can fix: reported as one line on stderr, exit status 2."""
@@ -2005,69 +2140,6 @@ class SaveFailed(Exception):
 
     def __init__(self, path, error):
         super().__init__(f"cannot write {path}: {error.strerror or error}")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    where = "(see --help)"  # what a mistake points to: the flags, or a checkpoint's settings
-
-    def error(self, message):
-        raise UserError(f"{message} {self.where}")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" to a flag's help only where X says something (not None or a
-    switch's False)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def number(kind, zero_ok=True, high=None):
-    """An argparse type: a number of kind (int or float), >= 0 (> 0 unless zero_ok) and at most
-    high: by default the most that the step's float32, or an int64, holds."""
-    high = high if high is not None else FLOAT32_MAX if kind is float else 2**63 - 1
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            what = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not (value >= 0 if zero_ok else value > 0):  # false for nan too
-            raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {text}")
-        if value > high:
-            shown = high if kind is int else f"{high:.3g}"  # 3.4e+38, not 39 digits
-            raise argparse.ArgumentTypeError(f"must be at most {shown}, got {text}")
-        return value
-    return parse
-
-
-def run_folder(text):
-    if not text.strip():  # an unset shell variable: not the current directory
-        raise argparse.ArgumentTypeError("is empty")
-    return Path(text)
-
-
-NOT_GIVEN = object()
-
-
-def parse_command_line(argv):
-    """(args, the names of the flags given): argparse alone cannot tell a flag given with its
-    default value from one left out, and --resume must know."""
-    parser = build_parser()
-    blank = argparse.Namespace(**{a.dest: NOT_GIVEN for a in parser._actions})
-    args = parser.parse_args(argv, namespace=blank)
-    given = {k for k, v in vars(args).items() if v is not NOT_GIVEN and k != "help"}
-    for key, value in vars(args).items():
-        if value is NOT_GIVEN:
-            setattr(args, key, parser.get_default(key))
-    del args.help
-    return args, given
 
 
 class RunLog:
@@ -2152,32 +2224,6 @@ def resume_command(last):
     script = sys.argv[0] if os.path.isfile(sys.argv[0]) else __file__
     return shlex.join([sys.executable, os.path.abspath(script), "--resume",
                        os.path.abspath(last)])
-
-
-def main(argv=None):
-    """Runs the script on the command line argv; returns its exit status."""
-    log = RunLog()
-    STOP.start(log)
-    try:
-        args, given = parse_command_line(argv)
-        run(args, given, log)
-        STOP.check()  # a signal in the run's last moments still ends it as a stop
-        return 0
-    except SystemExit as e:  # --help
-        return e.code
-    except UserError as e:
-        log.end(f"error: {e}")
-        return 2
-    except SaveFailed as e:
-        log.end(f"error: {e}; {log.where_it_stopped()}")
-        return SAVE_FAILED
-    except Stopped as e:
-        STOP.say(e)
-        return e.status
-    finally:
-        STOP.at_once = True  # all is saved: a signal from here on ends the process at once
-        STOP.remove_leftovers()
-        log.close()
 
 
 if __name__ == "__main__":
