@@ -12,6 +12,10 @@ dilated convs, global average pooling) trained with Albumentations augmentation
 
 Defaults: 85.61% +- 0.27 test accuracy over five seeds on a JPEG copy of CIFAR-10 (100 epochs); the
 runs, their logs and the reasons for each default are in README.md.
+
+Part I is the experiment, in the order the data flows: the recipe, data, augmentation, the dataset
+wrapper, the network, optimizer/schedule/EMA and the loops. Part II is the run around it: settings,
+machine, reading the data, the run folder, saving and resuming, pictures, other modes, stopping.
 """
 import contextlib
 import os
