@@ -637,46 +637,46 @@ def run(args, given, log):
             log.mode = f"--{mode}"  # a mode that writes nothing: a signal ends it at once
     if args.summary:
         return print_summary()
-    if args.resume:
-        recipe, plan, resume_state = resumed_settings(args, given)
-        return train(recipe, plan, resume_state, log)
-    recipe, plan = make_settings(vars(args), data_folder=args.data_dir,
-                                 run_id=uuid.uuid4().hex[:12])
-    if args.evaluate:
-        return evaluate_checkpoint(args.evaluate, args.tta, recipe.limit, plan, log)
-    if args.benchmark:
-        runtime = make_runtime(plan, log)
-        log(describe(runtime))
-        return benchmark(recipe, plan, runtime, log)
-    return train(recipe, plan, None, log)
-
-
-def train(recipe, plan, resume_state, log):
-    with contextlib.ExitStack() as held:  # the run folder's lock
+    with contextlib.ExitStack() as held:  # the run folder's lock, released last
+        if args.resume:
+            recipe, plan, resume_state, note = resumed_settings(args, given, held)
+            return train(recipe, plan, plan.out, resume_state, note, log)
+        recipe, plan = make_settings(vars(args), data_folder=args.data_dir,
+                                     run_id=uuid.uuid4().hex[:12])
+        if args.evaluate:
+            return evaluate_checkpoint(args.evaluate, args.tta, recipe.limit, plan, log)
+        if args.benchmark:
+            runtime = make_runtime(plan, log)
+            log(describe(runtime))
+            return benchmark(recipe, plan, runtime, log)
         folder, note = take_run_folder(plan, held)
-        notes = [note]
-        if resume_state:  # from here on, what an interruption's message says goes there too
-            log.open(folder, append=True)
-        runtime, data = prepare_training(recipe, plan, log)
-        training = make_training(recipe, runtime, recipe.epochs * len(data.loader))
-        history = []
-        if resume_state:
-            notes += resume_notes(plan, resume_state, runtime, data)
-            load_weights(training.model, resume_state, plan.resume)
-            history = restore_training(training, resume_state, plan.resume)
-        else:
-            remove_run_files(folder)  # an earlier run's, with --overwrite or from a retry
-            log.open(folder, append=False)
-        log_header(recipe, plan, folder, runtime, data, log)
-        log(f"Total trainable parameters: {count_parameters(training.model)}")
-        for note in filter(None, notes):
-            log(note)
-        if resume_state:
-            log(f"resumed from {plan.resume} after epoch {len(history)}")
-        save = functools.partial(save_epoch, folder, training,
-                                 run_record(recipe, plan, folder, runtime, data))
-        train_and_report(recipe, plan.log_every, folder, training, runtime, data, history, save,
-                         log)
+        return train(recipe, plan, folder, None, note, log)
+
+
+def train(recipe, plan, folder, resume_state, note, log):
+    """A run in its folder, locked: new, or resumed from resume_state."""
+    notes = [note]
+    if resume_state:  # from here on, what an interruption's message says goes there too
+        log.open(folder, append=True)
+    runtime, data = prepare_training(recipe, plan, log)
+    training = make_training(recipe, runtime, recipe.epochs * len(data.loader))
+    history = []
+    if resume_state:
+        notes += resume_notes(plan, resume_state, runtime, data)
+        load_weights(training.model, resume_state, plan.resume)
+        history = restore_training(training, resume_state, plan.resume)
+    else:
+        remove_run_files(folder)  # an earlier run's, with --overwrite or from a retry
+        log.open(folder, append=False)
+    log_header(recipe, plan, folder, runtime, data, log)
+    log(f"Total trainable parameters: {count_parameters(training.model)}")
+    for note in filter(None, notes):
+        log(note)
+    if resume_state:
+        log(f"resumed from {plan.resume} after epoch {len(history)}")
+    save = functools.partial(save_epoch, folder, training,
+                             run_record(recipe, plan, folder, runtime, data))
+    train_and_report(recipe, plan.log_every, folder, training, runtime, data, history, save, log)
 
 
 def save_epoch(folder, training, record, history, is_best):
@@ -975,20 +975,16 @@ def check_flags(args, given):
                             "the settings it was started with (see --help for what may change)")
 
 
-def resumed_settings(args, given):
-    """The run's recipe and plan from the checkpoint, with the flags given anew; the checkpoint."""
-    state = read_checkpoint(args.resume)
-    if not {"optimizer", "scheduler", "scaler", "rng", "epoch", "history", "args"} <= set(state):
-        raise UserError(f"{args.resume} holds weights but no training state to resume; "
-                        "see --evaluate")
-    if not (isinstance(state["epoch"], int) and isinstance(state["history"], list)
-            and isinstance(state["args"], dict) and isinstance(state.get("resolved", {}), dict)):
-        raise UserError(f"{args.resume} holds a damaged training state")
-    flags = {**vars(checkpoint_settings(state, args.resume)),
-             **{name: getattr(args, name) for name in given}}
+def resumed_settings(args, given, held):
+    """The run's recipe and plan from the checkpoint, with the flags given anew; the checkpoint,
+    and the lock's note. The run folder is locked (by `held`) before anything in it is read."""
     # the folder the checkpoint really is in (through a symbolic link too) is the run's
     resume = Path(os.path.realpath(args.resume))
-    check_folder_holds_the_run(resume.parent, resume, state)
+    note = lock_folder(resume.parent, held) if os.path.isfile(resume) else None
+    state = read_checkpoint(args.resume)
+    check_training_state(state, args.resume)
+    flags = {**vars(checkpoint_settings(state, args.resume)),
+             **{name: getattr(args, name) for name in given}}
     data_folder = flags["data_dir"]
     splits = ("train",) if flags["val"] else ("train", "test")
     if "data_dir" not in given and not holds_cifar10(data_folder, splits):
@@ -1000,11 +996,14 @@ def resumed_settings(args, given):
     # a checkpoint of an older version has no run id: the run gets one from here on
     recipe, plan = make_settings(flags, data_folder=data_folder, out=resume.parent, resume=resume,
                                  run_id=state.get("run_id") or uuid.uuid4().hex[:12])
+    check_out_folder(plan.out, plan.data_folder, named="run folder")
+    check_folder_holds_the_run(plan.out, resume, state)
     check_rewind(plan, state)
+    remove_run_files(plan.out, temporaries_only=True)
     threads = state.get("resolved", {}).get("threads")
-    if isinstance(threads, int) and threads > 0 and "OMP_NUM_THREADS" not in os.environ:
+    if threads and not os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
         torch.set_num_threads(threads)  # the run's own: on a CPU the count changes the numbers
-    return recipe, plan, state
+    return recipe, plan, state, note
 
 
 def checkpoint_settings(state, path):
@@ -1296,27 +1295,29 @@ RUN_FILES = ("train.log", "metrics.csv", "best.pt", "last.pt", "augmentations.pn
              "curves.png", "confusion.png", "misclassified.png")
 
 
-def check_out_folder(out, data_folder):
-    """--out must be, or be able to become, a folder this user can write to, outside the data,
-    with no folder where the run writes a file."""
-    data = Path(data_folder).resolve()
-    if out.resolve() == data or data in out.resolve().parents:
+def check_out_folder(out, data_folder, named="--out"):
+    """The run folder must be, or be able to become, a folder this user can write to, outside
+    the data, with nothing but regular files where the run writes its files (a FIFO would hang
+    it)."""
+    data = Path(os.path.realpath(data_folder))  # (a symbolic link loop stays as it is)
+    if Path(os.path.realpath(out)) == data or data in Path(os.path.realpath(out)).parents:
         raise UserError(f"run folder {out} is inside the data folder {data_folder}: its files "
                         "would be read as data by later runs; give --out a folder elsewhere")
     try:
         if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file, not a folder")
+            raise UserError(f"{named} {out} is a file, not a folder")
         existing = next(p for p in (out, *out.parents, Path(".")) if p.exists())
         if not existing.is_dir():
-            raise UserError(f"--out {out}: {existing} is a file, not a folder")
+            raise UserError(f"{named} {out}: {existing} is a file, not a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(f"--out {out}: {existing} is not writable")
-        folders = [name for name in RUN_FILES if (out / name).is_dir()]
-        if folders:
-            raise UserError(f"{out / folders[0]} is a folder, where the run writes a file; "
-                            "move it away")
+            raise UserError(f"{named} {out}: {existing} is not writable")
+        odd = [out / name for name in RUN_FILES
+               if (out / name).exists() and not (out / name).is_file()]
+        if odd:
+            what = "a folder" if odd[0].is_dir() else "not a regular file"
+            raise UserError(f"{odd[0]} is {what}, where the run writes a file; move it away")
     except OSError as e:
-        raise UserError(f"--out {out}: {e}") from None
+        raise UserError(f"{named} {out}: {e}") from None
 
 
 def holds_results(folder):
@@ -1329,8 +1330,7 @@ def holds_results(folder):
 
 
 def make_run_folder(plan):
-    """Creates the run folder: --out, or runs/<date-time>. One it makes is removed again if the
-    run ends before it writes in it."""
+    """Creates the run folder: --out, or runs/<date-time>."""
     try:
         if plan.out is None:
             stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
@@ -1338,43 +1338,47 @@ def make_run_folder(plan):
                 out = stamp.with_name(f"{stamp.name}-{n}") if n > 1 else stamp
                 with contextlib.suppress(FileExistsError):
                     out.mkdir(parents=True)
-                    STOP.leftovers.append(out)
                     return out
             raise UserError(f"no free run folder name in runs/ for {stamp.name}; give --out")
-        if not plan.out.exists():
-            plan.out.mkdir(parents=True)
-            STOP.leftovers.append(plan.out)
+        plan.out.mkdir(parents=True, exist_ok=True)
         return plan.out
     except OSError as e:
         raise UserError(f"cannot make the run folder {plan.out or 'runs/'}: {e}") from None
 
 
 def take_run_folder(plan, held):
-    """Makes (a new run) and locks the run folder for the whole run (released by `held`), and
-    only then checks what it holds: of two runs given one folder, the second is refused rather
-    than both passing the check. Returns the folder, and a note where this filesystem cannot
-    lock."""
-    check_out_folder(plan.out or Path("runs"), plan.data_folder)
-    folder = plan.out if plan.resume else make_run_folder(plan)
-    note = None
+    """Makes a new run's folder and locks it for the whole run (released by `held`), and only
+    then checks what it holds: of two runs given one folder, the second is refused rather than
+    both passing the check. Returns the folder, and the lock's note."""
+    out = plan.out or Path("runs")
+    check_out_folder(out, plan.data_folder)
+    missing = [p for p in (out, *out.parents) if not p.exists()]
+    folder = make_run_folder(plan)
+    note = lock_folder(folder, held, other="give another --out, or ")
+    # the folders made for the run go again if it ends having written nothing in them: before
+    # the lock is released (held runs this first), so never from under another run
+    STOP.leftovers += reversed(([folder] if plan.out is None else []) + missing)
+    held.callback(STOP.remove_leftovers)
+    if not plan.overwrite:
+        check_nothing_is_replaced(folder)
+    return folder, note
+
+
+def lock_folder(folder, held, other=""):
+    """Locks folder until `held` ends; returns a note where this filesystem cannot lock."""
     try:
         import fcntl
         fd = os.open(folder, os.O_RDONLY)
         held.callback(os.close, fd)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except ImportError:  # Windows
-        note = "note: run folders are not locked on this system"
+        return "note: run folders are not locked on this system"
     except BlockingIOError:
-        other = "" if plan.resume else "give another --out, or "
         raise UserError(f"run folder {folder} is in use by another run; {other}wait for that "
                         "run to end") from None
     except OSError as e:  # some network filesystems cannot lock
-        note = f"note: the run folder cannot be locked here ({e.strerror}); running without a lock"
-    if plan.resume:
-        remove_run_files(folder, temporaries_only=True)
-    elif not plan.overwrite:
-        check_nothing_is_replaced(folder)
-    return folder, note
+        return f"note: the run folder cannot be locked here ({e.strerror}); running without a lock"
+    return None
 
 
 def check_nothing_is_replaced(folder):
@@ -1575,6 +1579,43 @@ def load_weights(model, state, path, weights="model"):
     except (RuntimeError, TypeError, ValueError) as e:
         raise UserError(f"{path} holds weights this network cannot load: "
                         f"{str(e).splitlines()[0]}") from None
+
+
+# what a resume reads of a checkpoint, by type; those of LATER_STATE are missing from
+# checkpoints of older versions, and only from those (their run has no run id)
+TRAINING_STATE = {"optimizer": dict, "scheduler": dict, "scaler": dict, "rng": torch.Tensor,
+                  "epoch": int, "history": list, "args": dict}
+LATER_STATE = {"run_id": str, "data": dict, "resolved": dict}
+HISTORY = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_s",
+           "elapsed_s")
+
+
+def check_training_state(state, path):
+    """Refuses a checkpoint that has no training state, or one with a part that is not what a
+    resume reads (edited or forged by hand), before anything of it is used."""
+    if not set(TRAINING_STATE) <= set(state):
+        raise UserError(f"{path} holds weights but no training state to resume; see --evaluate")
+    parts = {**TRAINING_STATE, **(LATER_STATE if "run_id" in state else {})}
+    wrong = [k for k, kind in parts.items() if not isinstance(state.get(k), kind)]
+    if not wrong:  # the parts are of their types: now what a resume reads inside them
+        scheduler, history = state["scheduler"], state["history"]
+        inside = {"epoch": is_count(state["epoch"]),
+                  "history": all(isinstance(h, dict) and all(type(h.get(k)) in (int, float)
+                                                             for k in HISTORY) for h in history),
+                  "scheduler": is_count(scheduler.get("total_steps"), low=1)
+                  and is_count(scheduler.get("last_epoch")),
+                  "args.epochs": "epochs" in state["args"],  # its value: the parser's check
+                  "resolved.threads": is_count(state.get("resolved", {}).get("threads", 1),
+                                               low=1, high=4096),
+                  "data_dir_resolved": isinstance(state.get("data_dir_resolved", ""), str)}
+        wrong = [k for k, right in inside.items() if not right]
+    if wrong:
+        raise UserError(f"{path} holds a damaged training state (its {wrong[0]})")
+
+
+def is_count(value, low=0, high=2**62):
+    """A whole number (not a bool) from low to high."""
+    return type(value) is int and low <= value <= high
 
 
 def restore_training(training, state, path):

@@ -238,7 +238,19 @@ def finished_run(finished, copy_run):
     lambda s: s["scheduler"].update(last_epoch=5),  # not where epoch 3 ends
     lambda s: s["history"].pop(),
     lambda s: s["scheduler"].pop("last_epoch"),
-    lambda s: s.update(rng=torch.zeros(3))])
+    lambda s: s.update(rng=torch.zeros(3)),
+    # forged: each part a resume reads, of another type than it wrote
+    lambda s: s.pop("resolved"),
+    lambda s: s["resolved"].update(threads=2**40),
+    lambda s: s["resolved"].update(threads=True),
+    lambda s: s.update(scheduler=list(s["scheduler"])),
+    lambda s: s.update(optimizer="adam"),
+    lambda s: s["history"][0].update(test_acc="50%"),
+    lambda s: s["history"][0].pop("lr"),
+    lambda s: s.update(run_id=["a"]),
+    lambda s: s.update(data_dir_resolved=5),
+    lambda s: s["scheduler"].pop("total_steps"),
+    lambda s: s["args"].pop("epochs")])
 def test_damaged_training_state(finished_run, damage):
     state = torch.load(finished_run / "last.pt", weights_only=True)
     damage(state)

@@ -4,6 +4,7 @@ files that agree; a run folder belongs to one run; a resume keeps the run's data
 import errno
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -224,6 +225,92 @@ def test_a_resume_of_a_run_in_use_is_refused(stopped, copy_run):
         os.close(held)
     assert status == 2 and err.strip().endswith(
         f"run folder {run} is in use by another run; wait for that run to end")
+
+
+def test_a_resume_locks_the_folder_before_it_reads_the_checkpoint(stopped, copy_run,
+                                                                  monkeypatch):
+    # else a resume could continue from an older epoch than another resume had just written
+    import fcntl
+    run = copy_run(stopped / "a")
+    real, held = exp.read_checkpoint, []
+
+    def reading(path):
+        other = os.open(run, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(path)
+        finally:
+            os.close(other)
+        return real(path)
+    monkeypatch.setattr(exp, "read_checkpoint", reading)
+    assert run_main(["--resume", run / "last.pt"]).status == 0 and held
+
+
+def test_a_folder_another_run_locked_first_is_never_removed(tiny, tmp_path, monkeypatch):
+    # the other run locked it between this run's mkdir and its lock
+    import fcntl
+    run, real, other = tmp_path / "run", exp.make_run_folder, []
+
+    def made_then_taken(plan):
+        folder = real(plan)
+        other.append(os.open(folder, os.O_RDONLY))
+        fcntl.flock(other[0], fcntl.LOCK_EX)
+        return folder
+    monkeypatch.setattr(exp, "make_run_folder", made_then_taken)
+    try:
+        refused(["--data-dir", tiny, "--out", run, *RUN], "is in use by another run")
+        assert run.is_dir()
+    finally:
+        os.close(other[0])
+
+
+def test_the_folders_a_failed_run_made_are_removed_before_its_lock_is_released(tiny, tmp_path,
+                                                                              monkeypatch):
+    real, when_released = os.close, []
+
+    def close(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):  # the run folder's lock
+            when_released.append(sorted(p.name for p in tmp_path.iterdir()))
+        real(fd)
+    monkeypatch.setattr(exp.os, "close", close)
+    refused(["--data-dir", tiny, "--out", tmp_path / "a" / "b" / "run", *RUN, "--batch-size",
+             500], "--batch-size 500 is larger than the 40 training images")
+    monkeypatch.undo()
+    assert when_released == [[]]  # nothing left in tmp_path while the folder was locked
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_run_made_in_runs_removes_runs_too_when_it_writes_nothing(tiny, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused(["--data-dir", tiny, *RUN, "--batch-size", 500], "is larger than")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", ["metrics.csv", "train.log"])
+def test_a_fifo_in_place_of_a_run_file_is_refused_on_resume(stopped, copy_run, name):
+    run = copy_run(stopped / "a")
+    (run / name).unlink()
+    os.mkfifo(run / name)
+
+    def hung(signum, frame):  # opening a FIFO nothing writes to waits forever
+        raise AssertionError(f"the resume hung on the FIFO {name}")
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        refused(["--resume", run / "last.pt"],
+                f"{run / name} is not a regular file, where the run writes a file; move it away")
+    finally:
+        signal.alarm(0)
+
+
+def test_a_resume_into_a_folder_it_cannot_write_names_the_run_folder(stopped, copy_run,
+                                                                     monkeypatch):
+    run = copy_run(stopped / "a")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as if not root, read-only
+    err = refused(["--resume", run / "last.pt"], f"run folder {run}: {run} is not writable")
+    assert "--out" not in err
 
 
 def test_where_folders_cannot_be_locked_the_run_goes_on_and_says_so(tiny, tmp_path,
