@@ -35,10 +35,14 @@ def stopped_while_importing(signum, frame):
     os._exit(128 + signum)
 
 
-if __name__ == "__main__":
+def take_stop_signals(handler):
     for sig in STOP_SIGNALS:  # an ignored SIGHUP stays ignored (nohup: to outlive the terminal)
         if sig != getattr(signal, "SIGHUP", None) or signal.getsignal(sig) != signal.SIG_IGN:
-            signal.signal(sig, stopped_while_importing)
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    take_stop_signals(stopped_while_importing)
 
 import argparse
 import copy
@@ -292,7 +296,7 @@ class TrainLoader:
         return len(self.batches)
 
     def __iter__(self):
-        with Stop.held_from_workers():  # worker processes start at the first iter() of the run
+        with Stop.held():  # worker processes start at the first iter() of the run
             return iter(self.loader)
 
     def close(self):
@@ -553,7 +557,7 @@ def train_epochs(epochs, training, runtime, data, history, log, log_every, save)
     evaluation's predictions (None if no epoch was left)."""
     images, labels = as_tensors(*data.eval_split)
     run_start = time.perf_counter() - (history[-1]["elapsed_s"] if history else 0.0)
-    preds, name, times = None, data.split.capitalize(), []
+    preds, name, times, last_end = None, data.split.capitalize(), [], time.perf_counter()
     for epoch in range(len(history) + 1, epochs + 1):
         epoch_start = time.perf_counter()
         train_loss, train_acc = train_one_epoch(training, data.loader.epoch(epoch), runtime,
@@ -571,7 +575,8 @@ def train_epochs(epochs, training, runtime, data, history, log, log_every, save)
         log(f"Epoch {epoch}/{epochs}, Train Loss: {train_loss:.4f}, "
             f"Train Accuracy: {train_acc:.2f}%, {name} Loss: {test_loss:.4f}, "
             f"{name} Accuracy: {test_acc:.2f}%")
-        times.append(history[-1]["epoch_s"])
+        times.append(time.perf_counter() - last_end)  # unrounded, with the saves
+        last_end += times[-1]
         log(time_left(epoch, epochs, times))
         STOP.check()
     return preds
@@ -702,7 +707,7 @@ def train_and_report(recipe, log_every, folder, training, runtime, data, history
         last = folder / "last.pt"
         raise UserError(f"{e}; stopped. The last good checkpoint is "
                         f"{last if last.exists() else 'none (no epoch finished)'}; "
-                        "try a lower --lr") from None
+                        "try a lower --lr or --weight-decay") from None
     finally:
         data.loader.close()
     if preds is None:  # a finished run, resumed to write its report again
@@ -795,6 +800,9 @@ def make_settings(flags, **plan):
     return recipe, Plan(**{**{k: flags[k] for k in PLAN_FLAGS}, **plan})
 
 
+MOST_WORKERS = 256  # more would fork until forking fails
+
+
 def build_parser():
     p = OneLineParser(prog="experiment2_cifar_cnn.py", description=__doc__.split("\n\n")[0],
                       formatter_class=HelpFormatter,
@@ -816,7 +824,7 @@ def build_parser():
                    help="on conv/linear weights, not BN or biases")
     g.add_argument("--label-smoothing", type=number(float, high=1), default=RECIPE.label_smoothing,
                    help="of the cross-entropy targets")
-    g.add_argument("--ema", type=number(float, high=1), default=RECIPE.ema,
+    g.add_argument("--ema", type=number(float, high=1, high_ok=False), default=RECIPE.ema,
                    help="decay of the moving average of the weights, updated every step, "
                    "that is evaluated and saved (0: off)")
     g.add_argument("--flip-p", type=number(float, high=1), default=RECIPE.flip_p,
@@ -841,7 +849,7 @@ def add_run_flags(p):
                    help="use only the first N images of each split, class-balanced")
     g.add_argument("--val", type=number(int, zero_ok=False),
                    help="hold out N training images and report on them instead of the test set")
-    g.add_argument("--workers", type=number(int),
+    g.add_argument("--workers", type=number(int, high=MOST_WORKERS),
                    help="DataLoader worker processes for augmentation (default: 0 on CPU, "
                    "where the step already uses every core and in-process augmentation "
                    "measured faster; else min(8, usable cores/2): on a 16-core H200 host 4, 8 "
@@ -910,9 +918,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def number(kind, zero_ok=True, high=None):
+def number(kind, zero_ok=True, high=None, high_ok=True):
     """An argparse type: a number of kind (int or float), >= 0 (> 0 unless zero_ok) and at most
-    high: by default the most that the step's float32, or an int64, holds."""
+    high (below it unless high_ok): by default the most that the step's float32, or an int64,
+    holds."""
     high = high if high is not None else FLOAT32_MAX if kind is float else 2**63 - 1
 
     def parse(text):
@@ -923,9 +932,10 @@ def number(kind, zero_ok=True, high=None):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if not (value >= 0 if zero_ok else value > 0):  # false for nan too
             raise argparse.ArgumentTypeError(f"must be {'>=' if zero_ok else '>'} 0, got {text}")
-        if value > high:
+        if value > high or (value == high and not high_ok):
             shown = high if kind is int else f"{high:.3g}"  # 3.4e+38, not 39 digits
-            raise argparse.ArgumentTypeError(f"must be at most {shown}, got {text}")
+            bound = "at most" if high_ok else "below"
+            raise argparse.ArgumentTypeError(f"must be {bound} {shown}, got {text}")
         return value
     return parse
 
@@ -1569,6 +1579,8 @@ def check_network(state, path):
         if found != expected:
             diff = sorted(set(found.items()) ^ set(expected.items()), key=str)[:3]
             raise UserError(f"{path} holds a different network (first differences: {diff})")
+        if not all(torch.isfinite(v).all() for v in entry.values() if v.is_floating_point()):
+            raise UserError(f"{path} holds weights that are not finite numbers (NaN or infinity)")
 
 
 def load_weights(model, state, path, weights="model"):
@@ -2065,15 +2077,12 @@ class Stop:
 
     def __init__(self, log=None):
         self.log, self.noted, self.at_once, self.leftovers = log, None, True, []
-        self.owner = os.getpid()
+        self.owner, self.said = os.getpid(), False
 
     def start(self, log=None):
         """Takes the stop signals for this process, with the log of the run that begins."""
         self.__init__(log)
-        for sig in STOP_SIGNALS:
-            if sig == getattr(signal, "SIGHUP", None) and signal.getsignal(sig) == signal.SIG_IGN:
-                continue  # started with nohup: the run is to outlive the terminal
-            signal.signal(sig, self.note)
+        take_stop_signals(self.note)
         if self.arrivals is None:
             with contextlib.suppress(ValueError):  # only the main thread may set the pipe
                 read, write = os.pipe()
@@ -2105,17 +2114,19 @@ class Stop:
         self.remove_leftovers()
         stopped = Stopped(signum)
         self.say(stopped)
-        self.exit(stopped.status)
+        # not through exit(): flushing a stdout that nobody reads (a paused `| less`) would wait
+        # forever, and every line the log printed was flushed as it was printed
+        os._exit(stopped.status)
 
     def say(self, stopped):
-        """The line that ends a stopped process: what is saved, and how to continue."""
-        where = self.log.where_it_stopped() if self.log else "nothing was written"
-        line = f"interrupted by {stopped.name}: {where}"
-        if self.log:
-            self.log.end(line, after_a_signal=True)
-        else:  # the imports, before a run's log exists
-            with contextlib.suppress(OSError, ValueError):
-                print("\n" + line, file=sys.stderr)
+        """The line that ends a stopped process, said once: what is saved, and how to
+        continue."""
+        with self.held():  # a second signal meanwhile ends the process after the line
+            if not self.said:
+                self.said = True
+                log = self.log or RunLog()  # the imports: no run's log yet
+                log.end(f"interrupted by {stopped.name}: {log.where_it_stopped()}",
+                        after_a_signal=True)
 
     def remove_leftovers(self):
         for path in reversed(self.leftovers):
@@ -2132,17 +2143,18 @@ class Stop:
         torch's teardown, during which the default handlers are back and a signal would end the
         process without a line."""
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # None: closed (>&-)
                 stream.flush()
         os._exit(status)
 
     @staticmethod
     @contextlib.contextmanager
-    def held_from_workers():
-        """While worker processes start: they inherit the blocked signals, set them to be
-        ignored (start_worker) and then unblock them, so that a signal to the whole group never
-        reaches a worker before that (it would also count in the wakeup pipe they share, as a
-        second signal). This process gets them when the block ends."""
+    def held():
+        """The stop signals blocked, this process getting them when the block ends: while the
+        line of a stop is said, and while worker processes start, which inherit the block, set
+        the signals to be ignored (start_worker) and only then unblock them, so that a signal to
+        the whole group never reaches a worker before that (it would also count in the wakeup
+        pipe they share, as a second signal)."""
         if not hasattr(signal, "pthread_sigmask"):  # Windows
             yield
             return
@@ -2195,10 +2207,13 @@ class RunLog:
         self.file, self.folder, self.mode, self.finished = None, None, "train", False
 
     def __call__(self, line):
+        line = printable(line)
         self.say(line, sys.stdout)
         self.write(line)
 
     def say(self, line, stream):
+        if stream is None:  # closed from the start (>&-, a daemon): train.log has the line
+            return
         try:
             print(line, file=stream, flush=True)
         except OSError:  # a closed pipe: its output goes nowhere from now on
@@ -2225,6 +2240,7 @@ class RunLog:
     def end(self, line, after_a_signal=False):
         """The line that ends the run: on stderr, and in train.log where it can still be written.
         After a signal it starts on a line of its own (a terminal has echoed ^C)."""
+        line = printable(line)
         self.say("\n" * after_a_signal + line, sys.stderr)
         self.write(line)
 
@@ -2253,6 +2269,13 @@ class RunLog:
             return (f"all {epochs} epochs are saved in {last}, the final report was cut short; "
                     f"to write it: {resume}")
         return f"the run had finished: its {epochs} epochs and report are in {self.folder}"
+
+
+def printable(line):
+    """line with what would break the log's one line per line escaped: control characters (a
+    newline in a folder's name) and bytes of a name that are not UTF-8."""
+    line = line.encode("utf-8", "backslashreplace").decode("utf-8")
+    return re.sub(r"[\x00-\x1f\x7f]", lambda char: repr(char.group())[1:-1], line)
 
 
 def saved_epochs(last):

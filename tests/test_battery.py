@@ -2,7 +2,9 @@
 before anything is written. (Interruptions: test_signals.py.)"""
 import logging
 import os
+import re
 import shutil
+import signal
 import warnings
 import zipfile
 
@@ -39,7 +41,9 @@ def tree(tmp_path):
     ("--workers", -1), ("--ema", -0.5), ("--log-every", 0), ("--val", "0"),
     pytest.param("--epochs", "1" + "0" * 400, id="--epochs-10**400"),  # past an int64
     # finite as Python floats, but not in the float32 the step computes in
-    ("--lr", "1e39"), ("--weight-decay", "1e300")])
+    ("--lr", "1e39"), ("--weight-decay", "1e300"),
+    ("--workers", 100_000),  # forked until forking failed, then hung
+    ("--ema", 1)])  # no longer an average with a decay of its own
 def test_flag_values_that_cannot_train_are_refused_by_the_parser(flag, value):
     err = refused([flag, value], flag)
     assert err.endswith("(see --help)")
@@ -437,3 +441,54 @@ def test_a_folder_holding_only_an_unfinished_runs_log_is_reused(tiny, tmp_path):
     trains(["--data-dir", tiny, "--out", run, *ONE_EPOCH])
     assert (run / "train.log").read_text().startswith("data: ImageFolder")
     assert len(metrics(run)) == 1
+
+
+@pytest.mark.parametrize("flag,says", [("--out", "cannot make the run folder"),
+                                       ("--data-dir", "no CIFAR-10 in")])
+def test_a_symbolic_link_loop_is_one_line(tiny, tmp_path, offline, flag, says):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    args = ["--out", tmp_path / "run", "--data-dir", tiny, *ONE_EPOCH]
+    args[args.index(flag) + 1] = tmp_path / "loop"
+    refused(args, f"{says} {tmp_path / 'loop'}")
+
+
+def test_odd_bytes_and_control_characters_in_names_are_escaped_in_the_log(tiny, tmp_path):
+    # a legal Linux name that is not UTF-8; a folder name holding a line of the log's own
+    data = tmp_path / "copy\nrun id: forged"
+    shutil.copytree(tiny, data)
+    run = tmp_path / os.fsdecode(b"run-\xff")
+    out = trains(["--data-dir", data, "--out", run, *ONE_EPOCH])
+    log = (run / "train.log").read_text()
+    assert "copy\\nrun id: forged" in log and "run-\\udcff" in out
+    assert exp.run_ids_in_log(run / "train.log") == re.findall(r"run id: (\w+)\n", out)[-1:]
+
+
+def test_a_stop_is_said_once(tmp_path):
+    log = exp.RunLog()
+    log.open(tmp_path, append=False)
+    stop = exp.Stop(log)
+    for _ in range(2):  # a second signal just after the first stop's line
+        stop.say(exp.Stopped(signal.SIGINT))
+    assert (tmp_path / "train.log").read_text() == (
+        "interrupted by Ctrl-C: no epoch had finished, nothing to resume\n")
+
+
+def test_a_checkpoint_with_weights_that_are_not_finite_is_refused(finished_run):
+    state = torch.load(finished_run / "last.pt", weights_only=True)
+    state["ema"]["fc.bias"][0] = float("nan")
+    torch.save(state, finished_run / "last.pt")
+    for mode in ("--resume", "--evaluate"):
+        refused([mode, finished_run / "last.pt"], "holds weights that are not finite numbers")
+
+
+def test_best_pt_is_written_only_on_a_new_best(tiny, tmp_path, monkeypatch):
+    real, accuracies = exp.evaluate, [60.0, 50.0, 40.0]
+
+    def falling(*args, **kwargs):
+        loss, _, preds = real(*args, **kwargs)
+        return loss, accuracies.pop(0), preds
+    monkeypatch.setattr(exp, "evaluate", falling)
+    trains(["--data-dir", tiny, "--out", tmp_path / "run", *RUN])
+    epochs = {name: torch.load(tmp_path / "run" / name, weights_only=True)["epoch"]
+              for name in ("best.pt", "last.pt")}
+    assert epochs == {"best.pt": 1, "last.pt": 3}

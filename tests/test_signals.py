@@ -274,3 +274,43 @@ def test_the_script_runs_as_a_command():
                            timeout=120)
     assert ended.returncode == 0 and not ended.stderr, ended
     assert ended.stdout.endswith("Total trainable parameters: 86,954\n")
+
+
+@pytest.mark.parametrize("closed,flags,status", [
+    (">&- 2>&-", ["--epochs", 1, "--batch-size", 20, "--workers", 0], 0),
+    ("2>&-", ["--epochs", 0], 2)], ids=["a run, stdout and stderr closed", "a mistake, stderr"])
+def test_closed_stdout_or_stderr_end_with_the_usual_status(tiny, tmp_path, closed, flags, status):
+    # as from a daemon or a cron job; what cannot be shown is still in train.log
+    run = tmp_path / "run"
+    command = shlex.join([sys.executable, str(SCRIPT), "--data-dir", str(tiny), "--out",
+                          str(run), *map(str, flags)])
+    ended = subprocess.run(f"{command} {closed}", shell=True, capture_output=True, text=True,
+                           timeout=120)
+    assert ended.returncode == status and "Traceback" not in ended.stderr, ended
+    if status == 0:
+        assert "Done: final test accuracy" in (run / "train.log").read_text()
+
+
+def test_a_second_signal_ends_a_run_whose_stdout_nobody_reads(tiny, tmp_path):
+    # `| less` left paused: the run waits to print, and a second Ctrl-C must still end it
+    import fcntl
+    fifo = tmp_path / "stdout"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # open, never read
+    fcntl.fcntl(reader, 1031, 4096)  # F_SETPIPE_SZ: full after a few epochs' lines
+    run = tmp_path / "run"
+    try:
+        process = processes.start(["--data-dir", tiny, "--out", run, *RUN, "--epochs", 1000,
+                                   "--log-every", 1], tmp_path / "process", stdout=fifo)
+        size, still = -1, 0
+        while still < 10:  # train.log stops growing: the run waits on its stdout
+            time.sleep(0.1)
+            now = (run / "train.log").stat().st_size if (run / "train.log").exists() else 0
+            still, size = (still + 1 if now == size else 0), now
+        for _ in range(2):
+            os.kill(process.pid, signal.SIGINT)
+            time.sleep(0.3)
+        ended = processes.finish(process, timeout=10)
+    finally:
+        os.close(reader)
+    assert_one_line(ended, signal.SIGINT, "last completed epoch is saved in", run)
