@@ -673,20 +673,21 @@ def train(recipe, plan, folder, resume_state, note, log):
     else:
         remove_run_files(folder)  # an earlier run's, with --overwrite or from a retry
         log.open(folder, append=False)
-    log_header(recipe, plan, folder, runtime, data, log)
+    record = run_record(recipe, plan, folder, runtime, data)
+    log_header(record, runtime, data, log)
     log(f"Total trainable parameters: {count_parameters(training.model)}")
     for note in filter(None, notes):
         log(note)
     if resume_state:
         log(f"resumed from {plan.resume} after epoch {len(history)}")
-    save = functools.partial(save_epoch, folder, training,
-                             run_record(recipe, plan, folder, runtime, data))
+    save = functools.partial(save_epoch, folder, training, record)
     train_and_report(recipe, plan.log_every, folder, training, runtime, data, history, save, log)
 
 
 def save_epoch(folder, training, record, history, is_best):
     """An epoch's files: last.pt first, so that best.pt, metrics.csv and the epoch's line are
     never ahead of it."""
+    STOP.at_once = False  # a save under way is finished before a stop acts
     state = checkpoint_state(training, history, record)
     save_checkpoint(folder / "last.pt", state)
     if is_best:
@@ -699,7 +700,9 @@ def train_and_report(recipe, log_every, folder, training, runtime, data, history
     if not picture.exists():  # a resumed run keeps the one drawn at its start
         samples = augmentation_samples(*data.train_split, recipe)
         save_figure(plot_augmentations(samples, recipe), picture)
-    STOP.at_once = False  # from here on a signal waits for the batch or the save under way
+    # from here on a signal waits for the batch or the save under way; but while the first
+    # step is compiled (~20 s), until this process saves an epoch, ending at once loses nothing
+    STOP.at_once = runtime.compile
     try:
         preds = train_epochs(recipe.epochs, training, runtime, data, history, log, log_every,
                              save)
@@ -743,17 +746,16 @@ def prepare_training(recipe, plan, log):
     return runtime, RunData(loader, splits["train"], split, splits[split], kind, notes, record)
 
 
-def log_header(recipe, plan, folder, runtime, data, log):
-    log(f"data: {data.kind} {plan.data_dir}: {len(data.train_split[1])} train / "
+def log_header(record, runtime, data, log):
+    log(f"data: {data.kind} {record['args']['data_dir']}: {len(data.train_split[1])} train / "
         f"{len(data.eval_split[1])} {data.split} images")
     for what, paths in data.notes.items():
         if paths:
             log(f"note: {len(paths)} {what} (e.g. {paths[0]})")
-    config = recorded_settings(recipe, plan, folder, runtime)
-    log("config: " + ", ".join(f"{k}={v}" for k, v in sorted(config.items())))
+    log("config: " + ", ".join(f"{k}={v}" for k, v in sorted(record["args"].items())))
     log(describe(runtime, workers=True))
     log(code_version())
-    log(f"run id: {plan.run_id}")
+    log(f"run id: {record['run_id']}")
 
 
 # -----------------------------------------------------------------------------
@@ -1051,13 +1053,6 @@ def check_rewind(plan, state):
                             f"{other}add --overwrite to rewind the run")
 
 
-def recorded_settings(recipe, plan, folder, runtime):
-    """The run's flags as the log and the checkpoint keep them: --data-dir as given, the run
-    folder and the worker count as the run took them."""
-    return {**asdict(recipe), **{k: getattr(plan, k) for k in PLAN_FLAGS}, **TRAINING_MODES,
-            "out": folder, "workers": runtime.workers}
-
-
 def resolved_settings(runtime):
     """The settings that change the numbers, as this run resolved them ('auto' made concrete,
     the CPU threads): a resumed run keeps them."""
@@ -1330,15 +1325,6 @@ def check_out_folder(out, data_folder, named="--out"):
         raise UserError(f"{named} {out}: {e}") from None
 
 
-def holds_results(folder):
-    """Whether an epoch finished in folder. A log alone, of a run that never finished one, is no
-    result: a retry may replace it."""
-    if any((folder / name).exists() for name in ("metrics.csv", "best.pt", "last.pt")):
-        return True
-    log = folder / "train.log"
-    return log.is_file() and bool(re.search(r"^Epoch \d+/\d+,", read_log(log), re.M))
-
-
 def make_run_folder(plan):
     """Creates the run folder: --out, or runs/<date-time>."""
     try:
@@ -1394,13 +1380,16 @@ def lock_folder(folder, held, other=""):
 def check_nothing_is_replaced(folder):
     """A new run replaces the files in folder that carry its files' names only with --overwrite,
     or where they are of an earlier start of this script that finished no epoch (a retry)."""
+    log = folder / "train.log"
     try:
-        if holds_results(folder):
+        logged = read_log(log) if log.is_file() else ""
+        if (any((folder / name).exists() for name in ("metrics.csv", "best.pt", "last.pt"))
+                or re.search(r"^Epoch \d+/\d+,", logged, re.M)):  # an epoch finished there
             last = folder / "last.pt"
             how = f"use --resume {last} to continue or " if last.exists() else ""
             raise UserError(f"run folder {folder} already holds results; "
                             f"{how}--overwrite to start over")
-        if run_ids_in_log(folder / "train.log"):
+        if run_ids_in_log(log):
             return  # the earlier start's own files
         in_the_way = [path.name for path in run_files_in(folder)]
     except OSError as e:
@@ -1502,9 +1491,12 @@ def save_checkpoint(path, state):
 
 
 def run_record(recipe, plan, folder, runtime, data):
-    """What each checkpoint of the run keeps besides its training state."""
-    return {"args": {k: str(v) if isinstance(v, Path) else v
-                     for k, v in recorded_settings(recipe, plan, folder, runtime).items()},
+    """What each checkpoint of the run keeps besides its training state: the flags as the log
+    shows them ("args": --data-dir as given, the folder and worker count as the run took them),
+    and what a resume checks."""
+    flags = {**asdict(recipe), **{k: getattr(plan, k) for k in PLAN_FLAGS}, **TRAINING_MODES,
+             "out": folder, "workers": runtime.workers}
+    return {"args": {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()},
             # --data-dir as given is kept for the logs; this finds it from another directory
             "data_dir_resolved": str(Path(plan.data_folder).resolve()),
             # what a resume checks: that it continues this run, on its data, as it ran

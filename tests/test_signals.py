@@ -314,3 +314,13 @@ def test_a_second_signal_ends_a_run_whose_stdout_nobody_reads(tiny, tmp_path):
     finally:
         os.close(reader)
     assert_one_line(ended, signal.SIGINT, "last completed epoch is saved in", run)
+
+
+def test_with_compile_a_stop_before_the_first_epoch_is_saved_acts_at_once(tiny, tmp_path):
+    # compiling the first step takes ~20 s on a CPU, past docker stop's 10 s; nothing is lost
+    ended = processes.run(["--data-dir", tiny, "--out", tmp_path / "run", *RUN, "--compile",
+                           "--log-every", 1], tmp_path / "process",
+                          Aim("experiment2_cifar_cnn:training_step", how="process"))
+    assert_one_line(ended, signal.SIGTERM, "no epoch had finished, nothing to resume",
+                    tmp_path / "run")
+    assert ", Batch 1:" not in ended.out  # the step, and its compilation, never ran
