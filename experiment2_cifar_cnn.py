@@ -1282,6 +1282,9 @@ def check_data_dir(data_dir, splits):
     try:
         if holds_cifar10(data_dir, splits):
             return
+        if data_dir.is_symlink() and not data_dir.exists():
+            raise UserError(f"--data-dir {data_dir} is a symbolic link that leads nowhere, or in "
+                            "a loop")
         if data_dir.is_file() or (data_dir.is_dir() and any(data_dir.iterdir())):
             raise UserError(f"{data_dir} is not a CIFAR-10 folder: expected DIR/train/<class>/ "
                             "and DIR/test/<class>/ (ImageFolder layout) or "
@@ -1309,6 +1312,8 @@ def check_out_folder(out, data_folder, named="--out"):
         raise UserError(f"run folder {out} is inside the data folder {data_folder}: its files "
                         "would be read as data by later runs; give --out a folder elsewhere")
     try:
+        if out.is_symlink() and not out.exists():
+            raise UserError(f"{named} {out} is a symbolic link that leads nowhere, or in a loop")
         if out.exists() and not out.is_dir():
             raise UserError(f"{named} {out} is a file, not a folder")
         existing = next(p for p in (out, *out.parents, Path(".")) if p.exists())

@@ -443,13 +443,12 @@ def test_a_folder_holding_only_an_unfinished_runs_log_is_reused(tiny, tmp_path):
     assert len(metrics(run)) == 1
 
 
-@pytest.mark.parametrize("flag,says", [("--out", "cannot make the run folder"),
-                                       ("--data-dir", "no CIFAR-10 in")])
-def test_a_symbolic_link_loop_is_one_line(tiny, tmp_path, offline, flag, says):
+@pytest.mark.parametrize("flag", ["--out", "--data-dir"])
+def test_a_symbolic_link_loop_is_one_line(tiny, tmp_path, offline, flag):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     args = ["--out", tmp_path / "run", "--data-dir", tiny, *ONE_EPOCH]
     args[args.index(flag) + 1] = tmp_path / "loop"
-    refused(args, f"{says} {tmp_path / 'loop'}")
+    refused(args, f"{flag} {tmp_path / 'loop'} is a symbolic link that leads nowhere, or in a loop")
 
 
 def test_odd_bytes_and_control_characters_in_names_are_escaped_in_the_log(tiny, tmp_path):

@@ -407,12 +407,16 @@ def threads_restored():
     torch.set_num_threads(threads)
 
 
-def test_a_resume_keeps_the_runs_cpu_threads(stopped, copy_run, monkeypatch, threads_restored):
+@pytest.mark.parametrize("omp", [None, "", "abc"])  # unset, or set to what torch ignores
+def test_a_resume_keeps_the_runs_cpu_threads(stopped, copy_run, monkeypatch, threads_restored,
+                                             omp):
     run = copy_run(stopped / "a")
     state = torch.load(run / "last.pt", weights_only=True)
     state["resolved"]["threads"] = torch.get_num_threads() + 1  # as on another machine
     torch.save(state, run / "last.pt")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if omp is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
     status, out, err = run_main(["--resume", run / "last.pt"])
     assert status == 0, err
     assert f"{state['resolved']['threads']} threads" in out and "given anew" not in out
