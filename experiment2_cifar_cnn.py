@@ -1309,8 +1309,9 @@ def check_out_folder(out, data_folder, named="--out"):
     it)."""
     data = Path(os.path.realpath(data_folder))  # (a symbolic link loop stays as it is)
     if Path(os.path.realpath(out)) == data or data in Path(os.path.realpath(out)).parents:
+        how = "give --out a folder elsewhere" if named == "--out" else "move it elsewhere"
         raise UserError(f"run folder {out} is inside the data folder {data_folder}: its files "
-                        "would be read as data by later runs; give --out a folder elsewhere")
+                        f"would be read as data by later runs; {how}")
     try:
         if out.is_symlink() and not out.exists():
             raise UserError(f"{named} {out} is a symbolic link that leads nowhere, or in a loop")

@@ -358,6 +358,16 @@ def test_a_run_folder_inside_the_data_folder_is_refused(tmp_path, where):
     assert sorted(p for p in data.rglob("*")) == before
 
 
+def test_a_resumed_run_inside_its_data_folder_is_told_to_move_not_to_give_out(stopped, tiny,
+                                                                             copy_run, tmp_path):
+    data = Path(shutil.copytree(tiny, tmp_path / "data"))
+    run = copy_run(stopped / "a")
+    shutil.move(run, data / "run")
+    err = refused(["--resume", data / "run" / "last.pt", "--data-dir", data],
+                  f"run folder {data / 'run'} is inside the data folder {data}")
+    assert err.endswith("; move it elsewhere")
+
+
 def test_an_empty_out_is_refused():
     status, _, err = run_main(["--out", ""])
     assert status == 2 and "--out: is empty" in err
