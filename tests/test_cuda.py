@@ -13,14 +13,14 @@ CUDA = torch.device("cuda")
 
 def trained(cuda_graphs, steps=5, ema=0.999):
     """A model trained a few steps on fixed random batches, with or without CUDA graphs."""
-    args = exp.Recipe(ema=ema)
+    recipe = exp.Recipe(ema=ema)
     runtime = exp.Runtime(CUDA, "fp32", False, cuda_graphs)
-    training = exp.make_training(args, runtime, 100)
+    training = exp.make_training(recipe, runtime, 100)
     generator, loss = torch.Generator().manual_seed(1), None
     for _ in range(steps):
-        x = torch.randint(0, 256, (args.batch_size, 3, 32, 32), dtype=torch.uint8,
+        x = torch.randint(0, 256, (recipe.batch_size, 3, 32, 32), dtype=torch.uint8,
                           generator=generator)
-        y = torch.randint(0, 10, (args.batch_size,), generator=generator)
+        y = torch.randint(0, 10, (recipe.batch_size,), generator=generator)
         loss = exp.training_step(training, runtime, *runtime.prepare(x, y))[0]
     return training, runtime, loss
 
@@ -73,7 +73,7 @@ def test_evaluation_runs_the_evaluated_weights_not_the_training_graph(ema):
 def test_cuda_defaults(monkeypatch):
     args = exp.parse_command_line([])[0]
     runtime = exp.make_runtime(args, lambda line: None)
-    assert runtime.device.type == "cuda" and runtime.cuda_graphs and args.workers >= 1
+    assert runtime.device.type == "cuda" and runtime.cuda_graphs and runtime.workers >= 1
 
 
 @needs_cuda
