@@ -1307,8 +1307,8 @@ def check_out_folder(out, data_folder, named="--out"):
     """The run folder must be, or be able to become, a folder this user can write to, outside
     the data, with nothing but regular files where the run writes its files (a FIFO would hang
     it)."""
-    data = Path(os.path.realpath(data_folder))  # (a symbolic link loop stays as it is)
-    if Path(os.path.realpath(out)) == data or data in Path(os.path.realpath(out)).parents:
+    data, real_out = Path(os.path.realpath(data_folder)), Path(os.path.realpath(out))
+    if real_out == data or data in real_out.parents:  # realpath: a link loop is said below
         how = "give --out a folder elsewhere" if named == "--out" else "move it elsewhere"
         raise UserError(f"run folder {out} is inside the data folder {data_folder}: its files "
                         f"would be read as data by later runs; {how}")
@@ -1660,7 +1660,7 @@ def resume_notes(plan, state, runtime, data):
         return [f"note: {plan.resume} was written by an older version of this script: it holds "
                 f"no run id and no record of its data, so neither that {plan.out} holds only this "
                 "run nor that the data is the run's own could be checked"]
-    check_same_data(state.get("data"), data.record, plan)
+    check_same_data(state["data"], data.record, plan)
     kept, now = state["resolved"], resolved_settings(runtime)
     notes = []
     for k in [k for k in now if k in kept and now[k] != kept[k]]:
@@ -1671,8 +1671,7 @@ def resume_notes(plan, state, runtime, data):
 
 
 def check_same_data(saved, record, plan):
-    if not (isinstance(saved, dict) and isinstance(saved.get("counts"), dict)
-            and isinstance(saved.get("sha256"), str)):
+    if not (isinstance(saved.get("counts"), dict) and isinstance(saved.get("sha256"), str)):
         raise UserError(f"{plan.resume} holds a damaged record of its data")
     for split, counts in saved["counts"].items():
         found = record["counts"].get(split)
