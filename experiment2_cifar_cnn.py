@@ -369,12 +369,12 @@ class Runtime(NamedTuple):
     def prepare(self, images, labels):
         """A uint8 NCHW batch -> normalised float32 on the device, in the step's memory format."""
         x = normalize(images.to(self.device, non_blocking=True))
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.contiguous(memory_format=fmt), labels.to(self.device, non_blocking=True)
+        y = labels.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=self.memory_format), y
 
-
-def memory_format(channels_last):
-    return torch.channels_last if channels_last else torch.preserve_format
+    @property
+    def memory_format(self):
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
 def make_optimizer(model, recipe):
@@ -433,7 +433,7 @@ class Training(NamedTuple):
 def make_training(recipe, runtime, total_steps):
     """The model (seeded by --seed), its optimizer, schedule, loss and EMA, on the device."""
     torch.manual_seed(recipe.seed)
-    model = Net().to(runtime.device, memory_format=memory_format(runtime.channels_last))
+    model = Net().to(runtime.device, memory_format=runtime.memory_format)
     optimizer = make_optimizer(model, recipe)
     # the average of the weights over the last ~1/(1 - decay) steps is what gets evaluated: far
     # steadier mid-run, +0.2 points at the end of two 60-epoch validation runs (README). Copied
@@ -467,7 +467,7 @@ def stepped_module(model, runtime, batch_size):
     sample = torch.zeros(batch_size, 3, 32, 32, device=runtime.device)
     with runtime.autocast():
         graphed = torch.cuda.make_graphed_callables(
-            model, (sample.contiguous(memory_format=memory_format(runtime.channels_last)),))
+            model, (sample.contiguous(memory_format=runtime.memory_format),))
     with torch.no_grad():
         for buffer, saved in zip(model.buffers(), buffers):
             buffer.copy_(saved)
@@ -948,21 +948,15 @@ def run_folder(text):
     return Path(text)
 
 
-NOT_GIVEN = object()
-
-
 def parse_command_line(argv):
     """(args, the names of the flags given): argparse alone cannot tell a flag given with its
-    default value from one left out, and --resume must know."""
+    default value from one left out, and --resume must know. Parsed again with no defaults,
+    the flags given are what is left."""
     parser = build_parser()
-    blank = argparse.Namespace(**{a.dest: NOT_GIVEN for a in parser._actions})
-    args = parser.parse_args(argv, namespace=blank)
-    given = {k for k, v in vars(args).items() if v is not NOT_GIVEN and k != "help"}
-    for key, value in vars(args).items():
-        if value is NOT_GIVEN:
-            setattr(args, key, parser.get_default(key))
-    del args.help
-    return args, given
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return args, set(vars(parser.parse_args(argv)))
 
 
 def check_flags(args, given):
@@ -1861,7 +1855,7 @@ def evaluate_checkpoint(checkpoint, tta, limit, plan, log):
     load_weights(model, read_checkpoint(checkpoint), checkpoint, weights="ema")
     runtime = make_runtime(plan, log)
     splits, kind, _, _ = load_cifar10(plan.data_dir, limit, splits=("test",))
-    model.to(runtime.device, memory_format=memory_format(runtime.channels_last))
+    model.to(runtime.device, memory_format=runtime.memory_format)
     images, labels = as_tensors(*splits["test"])
     views = {False: "", True: ", each image averaged with its mirror"}
     for flip_average in ([False, True] if tta else [False]):
@@ -1961,28 +1955,22 @@ def benchmark_data(data_dir, limit):
     return splits, "synthetic random images (no CIFAR-10 found at --data-dir)"
 
 
-class StepSetup(NamedTuple):
-    runtime: Runtime
-    training: Training
-    batch: tuple
-
-
 def benchmark_steps(recipe, variants):
-    """{name: training step rate in img/s} on one ready batch, the variants alternated."""
-    setups = {}
+    """{name: training step rate in img/s} on one ready batch, the variants alternated; and the
+    configured variant's Training."""
+    trainings, steps = {}, {}
     for name, runtime in variants.items():
         x = torch.randn(recipe.batch_size, 3, 32, 32, device=runtime.device)
         y = torch.randint(0, 10, (recipe.batch_size,), device=runtime.device)
-        x = x.contiguous(memory_format=memory_format(runtime.channels_last))
-        training = make_training(recipe, runtime, 10**7)  # a schedule longer than needed
-        setups[name] = StepSetup(runtime, training, (x, y))
-    rates = dict.fromkeys(setups, 0.0)
+        x = x.contiguous(memory_format=runtime.memory_format)
+        trainings[name] = make_training(recipe, runtime, 10**7)  # a schedule longer than needed
+        steps[name] = functools.partial(training_step, trainings[name], runtime, x, y)
+    rates = dict.fromkeys(steps, 0.0)
     for _ in range(3):  # alternate, best of three: a noisy machine slows both alike
-        for name, s in setups.items():
-            def step():
-                training_step(s.training, s.runtime, *s.batch)
-            rates[name] = max(rates[name], rate(step, s.runtime.device, 1.5) * recipe.batch_size)
-    return rates, setups["configured"].training
+        for name, step in steps.items():
+            images_per_s = rate(step, variants[name].device, 1.5) * recipe.batch_size
+            rates[name] = max(rates[name], images_per_s)
+    return rates, trainings["configured"]
 
 
 def benchmark_pipeline(loader):
@@ -2009,14 +1997,14 @@ def benchmark_epoch(loader, runtime, training, test_split):
 
 
 def benchmark(recipe, plan, runtime, log):
+    splits, source = benchmark_data(plan.data_dir, recipe.limit)
+    if len(splits["train"][1]) < recipe.batch_size:
+        raise UserError(f"--benchmark needs at least --batch-size ({recipe.batch_size}) training "
+                        f"images; it has {len(splits['train'][1])}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(runtime.precision, torch.float32)
     a = torch.randn(2048, 2048, device=runtime.device, dtype=dtype)
     matmul = rate(lambda: a @ a, runtime.device) * 2 * 2048**3 / 1e9
     log(f"matmul 2048x2048 {runtime.precision}: {matmul:.0f} GFLOP/s")
-    splits, source = benchmark_data(plan.data_dir, recipe.limit)
-    if len(splits["train"][1]) < recipe.batch_size:
-        raise UserError(f"--benchmark needs at least --batch-size ({recipe.batch_size}) training "
-                        f"images; --limit {recipe.limit} gives {len(splits['train'][1])}")
     log(f"data: {source}, {len(splits['train'][1])} train images")
 
     flops = train_flops_per_image(Net())

@@ -112,9 +112,11 @@ def test_flag_combinations_that_cannot_work(combo, expected, tiny):
     refused([*combo, "--data-dir", tiny], expected)
 
 
-def test_benchmark_with_fewer_images_than_a_batch(tmp_path, brief_benchmark):
+def test_benchmark_with_fewer_images_than_a_batch_is_refused_before_it_measures(tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(exp, "rate", lambda *args: pytest.fail("measured before refusing"))
     refused(["--benchmark", "--data-dir", tmp_path / "none", "--limit", 20],
-          "--benchmark needs at least --batch-size (64) training images")
+          "--benchmark needs at least --batch-size (64) training images; it has 20")
 
 
 # ---- data

@@ -166,7 +166,7 @@ def test_a_resume_interrupted_before_it_holds_the_folder_claims_nothing_there(st
 
 @pytest.mark.parametrize("mode,target", [
     (["--evaluate", "last.pt"], "experiment2_cifar_cnn:read_image"),
-    (["--benchmark"], "experiment2_cifar_cnn:rate")])
+    (["--benchmark", "--batch-size", "8"], "experiment2_cifar_cnn:rate")])
 def test_modes_that_write_nothing_say_they_stopped(finished, tiny, tmp_path, mode, target):
     args = [finished / a if a == "last.pt" else a for a in mode]
     ended = processes.run([*args, "--data-dir", tiny], tmp_path / "process",
