@@ -1018,10 +1018,10 @@ def checkpoint_settings(state, path):
     parser = build_parser()
     parser.where = f"(a setting kept in {path})"
     saved = {**state["args"], **state.get("resolved", {})}
+    skipped = ("help", "resume", "overwrite", *TRAINING_MODES)  # not settings of the run
     argv = []
     for action in parser._actions:
-        if action.dest in ("help", "resume", "evaluate", "summary", "benchmark", "tta",
-                           "overwrite") or action.dest not in saved:
+        if action.dest in skipped or action.dest not in saved:
             continue
         value = saved[action.dest]
         if action.nargs == 0:  # a switch, as --compile and --no-compile
@@ -1276,18 +1276,23 @@ def check_data_dir(data_dir, splits):
     try:
         if holds_cifar10(data_dir, splits):
             return
-        if data_dir.is_symlink() and not data_dir.exists():
-            raise UserError(f"--data-dir {data_dir} is a symbolic link that leads nowhere, or in "
-                            "a loop")
         if data_dir.is_file() or (data_dir.is_dir() and any(data_dir.iterdir())):
             raise UserError(f"{data_dir} is not a CIFAR-10 folder: expected DIR/train/<class>/ "
                             "and DIR/test/<class>/ (ImageFolder layout) or "
                             "DIR/cifar-10-batches-py/ (torchvision)")
-        blocker = next((p for p in data_dir.parents if p.exists()), Path("."))
-        if not blocker.is_dir():
-            raise UserError(f"--data-dir {data_dir}: {blocker} is a file, not a folder")
+        nearest_folder(data_dir, "--data-dir")  # where the download makes it
     except OSError as e:
         raise UserError(f"cannot read the data folder {data_dir}: {e}") from None
+
+
+def nearest_folder(path, named):
+    """path, or the nearest folder above it where path can be made; refuses a file on the way."""
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{named} {path} is a symbolic link that leads nowhere, or in a loop")
+    existing = next(p for p in (path, *path.parents, Path(".")) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{named} {path}: {existing} is a file, not a folder")
+    return existing
 
 
 # -----------------------------------------------------------------------------
@@ -1307,13 +1312,9 @@ def check_out_folder(out, data_folder, named="--out"):
         raise UserError(f"run folder {out} is inside the data folder {data_folder}: its files "
                         f"would be read as data by later runs; {how}")
     try:
-        if out.is_symlink() and not out.exists():
-            raise UserError(f"{named} {out} is a symbolic link that leads nowhere, or in a loop")
         if out.exists() and not out.is_dir():
             raise UserError(f"{named} {out} is a file, not a folder")
-        existing = next(p for p in (out, *out.parents, Path(".")) if p.exists())
-        if not existing.is_dir():
-            raise UserError(f"{named} {out}: {existing} is a file, not a folder")
+        existing = nearest_folder(out, named)
         if not os.access(existing, os.W_OK | os.X_OK):
             raise UserError(f"{named} {out}: {existing} is not writable")
         odd = [out / name for name in RUN_FILES
